@@ -1,0 +1,160 @@
+"""Settings for the scripts: defaults, then config files, then command-line overrides.
+
+    python train.py config/novel_cpu.py --batch_size=8 --compile False
+    python sample.py --start "苏落妩媚一笑" --num_samples 3 --save_samples
+
+`get_config(defaults)` returns a new dict. Positional arguments are config files (plain Python,
+UTF-8), applied in order; then `--key=value` / `--key value` overrides, applied in order; a bare
+`--flag` sets a bool key to True. Values are Python literals, falling back to the raw string, and
+must match the type of the default. `--help` lists every key with its default.
+
+Convention for scripts: every bad setting raises ConfigError (a ValueError with a one-line
+message); catch it in main() and call `exit_with_error(e)`, which prints "error: ..." to stderr
+and exits with status 2 (the same status argparse uses for usage errors).
+"""
+
+import ast
+import difflib
+import os
+import sys
+import traceback
+import types
+from typing import NoReturn
+
+BOOL_WORDS = {"True": True, "true": True, "False": False, "false": False}
+
+
+class ConfigError(ValueError):
+    """A bad config file or command-line option; the message is one line meant for the user."""
+
+
+def exit_with_error(message: object) -> NoReturn:
+    """Print a one-line error for the user and exit with status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _unknown(name: str, valid: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(name, valid, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join('--' + k for k in close)}?" if close else ""
+    return ConfigError(f"{where}unknown option '{name}'{hint} (see --help for the list)")
+
+
+def _type_name(default: object) -> str:
+    return {bool: "True or False", int: "an integer", float: "a number", str: "a string"}.get(
+        type(default), type(default).__name__)
+
+
+def _checked(key: str, value: object, default: object, where: str = "") -> object:
+    """Return value if it fits the type of default (an int is accepted as a float), else raise."""
+    if default is None:
+        return value
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ConfigError(f"{where}--{key} expects {_type_name(default)}, got {value!r}")
+    return value
+
+
+def _parse(key: str, raw: str, default: object) -> object:
+    """Turn a command-line string into a value for key; a str key keeps the text as typed."""
+    if isinstance(default, str):
+        return raw
+    if isinstance(default, bool) and raw in BOOL_WORDS:
+        return BOOL_WORDS[raw]
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        value = raw
+    return _checked(key, value, default)
+
+
+def _read_config_file(path: str, defaults: dict) -> dict:
+    """Run a config file in a fresh namespace and return the settings it makes."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path} as UTF-8 text: {e}") from None
+    namespace = {"__file__": path, "__name__": "__config__"}
+    try:
+        exec(compile(source, path, "exec"), namespace)
+    except Exception as e:
+        # the line in the config file itself, whether the error is a SyntaxError or raised at run time
+        lines = [frame.lineno for frame in traceback.extract_tb(e.__traceback__) if frame.filename == path]
+        line = getattr(e, "lineno", None) if isinstance(e, SyntaxError) else (lines[-1] if lines else "?")
+        raise ConfigError(f"{path}, line {line}: {type(e).__name__}: {e}") from None
+    settings = {}
+    for name, value in namespace.items():
+        if name.startswith("_") or isinstance(value, types.ModuleType):
+            continue
+        if name not in defaults:
+            raise _unknown(name, list(defaults), f"{path}: ")
+        settings[name] = _checked(name, value, defaults[name], f"{path}: ")
+    return settings
+
+
+def _print_help(defaults: dict, aliases: dict[str, str]) -> None:
+    main_doc = (getattr(sys.modules.get("__main__"), "__doc__", None) or "").strip()
+    if main_doc:
+        print(main_doc.splitlines()[0] + "\n")
+    print(f"usage: python {os.path.basename(sys.argv[0])} [config.py ...] [--key=value | --key value | --flag ...]\n")
+    print("options (default):")
+    width = max((len(k) for k in defaults), default=0) + 2
+    for key, default in defaults.items():
+        print(f"  --{key:<{width}} {default!r}")
+    if aliases:
+        print("\naliases:")
+        for alias, key in aliases.items():
+            print(f"  --{alias:<{width}} same as --{key}")
+
+
+def get_config(defaults: dict, argv: list[str] | None = None, aliases: dict[str, str] | None = None) -> dict:
+    """Return a copy of defaults updated by the config files and --key=value options in argv."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    aliases = dict(aliases or {})
+    valid = list(defaults) + list(aliases)
+    files, overrides = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg in ("-h", "--help"):
+            _print_help(defaults, aliases)
+            raise SystemExit(0)
+        if not arg.startswith("--"):
+            if arg.startswith("-") and len(arg) > 1:
+                raise ConfigError(f"unknown option '{arg}'; options look like --key=value (see --help)")
+            files.append(arg)
+            continue
+        name, has_value, raw = arg[2:].partition("=")
+        key = aliases.get(name, name)
+        if key not in defaults:
+            raise _unknown(name, valid, "")
+        if not has_value:
+            next_arg = argv[i] if i < len(argv) else None
+            if isinstance(defaults[key], bool):
+                # a bool key takes the next word only if it is one; otherwise it is a bare flag
+                raw = "True"
+                if next_arg in BOOL_WORDS:
+                    raw, i = next_arg, i + 1
+            elif next_arg is None or next_arg.startswith("--"):
+                raise ConfigError(f"--{name} needs a value, e.g. --{name}={defaults[key]!r}")
+            else:
+                raw, i = next_arg, i + 1
+        overrides.append((key, raw))
+    config = dict(defaults)
+    for path in files:
+        config.update(_read_config_file(path, defaults))
+    for key, raw in overrides:
+        config[key] = _parse(key, raw, defaults[key])
+    return config
