@@ -1,0 +1,190 @@
+"""train.py on a tiny model and a tiny prepared corpus (CPU)."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import prepare
+import train
+from model import GPT, GPTConfig, save_hf_gpt2
+
+ROOT = Path(__file__).resolve().parent.parent
+NAMES = ["宝玉", "黛玉", "宝钗", "凤姐", "袭人", "贾母"]
+VERBS = ["笑道", "说道", "叹道", "问道"]
+
+
+def corpus_text(n: int = 900) -> str:
+    """A patterned text: learnable, so loss must fall, and long enough for a val split."""
+    lines = []
+    for k in range(n):
+        who, verb = NAMES[k % len(NAMES)], VERBS[(k // 3) % len(VERBS)]
+        lines.append(f"{who}{verb}：“今日第{k % 10}回，{NAMES[(k + 1) % len(NAMES)]}来了。”")
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    (root / "tiny.txt").write_text(corpus_text(), encoding="utf-8")
+    prepare.prepare(str(root / "tiny.txt"), "tiny", vocab_size=120, block_size=32, data_dir=str(root))
+    return root
+
+
+def tiny_config(data_dir: Path, out_dir: Path, **overrides) -> dict:
+    config = dict(train.DEFAULTS, dataset="tiny", data_dir=str(data_dir), out_dir=str(out_dir),
+                  n_layer=2, n_head=2, n_embd=32, block_size=32, dropout=0.1, batch_size=4,
+                  gradient_accumulation_steps=2, max_iters=30, learning_rate=3e-3, min_lr=3e-4, warmup_iters=5,
+                  eval_interval=10, eval_iters=4, log_interval=1, device="cpu", dtype="float32", compile=False)
+    config.update(overrides)
+    return config
+
+
+def read_metrics(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(out_dir: Path) -> dict[int, float]:
+    return {r["iter"]: r["loss"] for r in read_metrics(out_dir) if "loss" in r}
+
+
+def test_loss_goes_down_and_checkpoint_is_complete(data_dir, tmp_path):
+    result = train.train(tiny_config(data_dir, tmp_path, max_iters=60, dropout=0.0))
+    evals = [r for r in read_metrics(tmp_path) if "val_loss" in r]
+    assert evals[0]["iter"] == 0 and evals[-1]["iter"] == 60
+    assert abs(evals[0]["val_loss"] - math.log(120)) < 0.5  # starts near ln(vocab)
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.5
+    assert result["best_val_loss"] == min(r["val_loss"] for r in evals)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])  # everything sample.py needs is inside
+    assert ckpt["vocab"]["itos"][:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    assert ckpt["config"]["n_embd"] == 32 and ckpt["best_val_loss"] == result["best_val_loss"]
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert last["iter_num"] == 60 and "optimizer" in last and "rng" in last
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    record = read_metrics(tmp_path)[1]
+    assert {"iter", "epoch", "loss", "lr", "ms_per_iter", "tokens_per_s"} <= set(record)
+
+
+def test_sigint_then_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    train.train(tiny_config(data_dir, straight))
+    expected = train_losses(straight)
+    assert len(expected) == 30
+
+    # The same run, interrupted by a real SIGINT during iteration 13, then resumed.
+    interrupted = tmp_path / "interrupted"
+    real_lr_at = train.lr_at
+
+    def lr_at_then_interrupt(it, *args):
+        if it == 12:  # iteration 13 is starting
+            signal.raise_signal(signal.SIGINT)
+        return real_lr_at(it, *args)
+
+    monkeypatch.setattr(train, "lr_at", lr_at_then_interrupt)
+    result = train.train(tiny_config(data_dir, interrupted))
+    assert result["stopped"] and result["iter_num"] == 13
+    assert torch.load(interrupted / "last.pt", weights_only=True)["iter_num"] == 13
+    monkeypatch.setattr(train, "lr_at", real_lr_at)
+    result = train.train(tiny_config(data_dir, interrupted, init_from="resume"))
+    assert result["iter_num"] == 30 and not result["stopped"]
+    assert train_losses(interrupted) == expected  # exactly, dropout included
+
+
+def test_sigint_from_outside_saves_and_exits_cleanly(data_dir, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--dataset=tiny", f"--data_dir={data_dir}", f"--out_dir={out}",
+           "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--max_iters=100000",
+           "--eval_interval=100000", "--eval_iters=2", "--log_interval=1", "--device=cpu", "--compile=False"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while not ((out / "metrics.jsonl").exists() and len(read_metrics(out)) >= 3):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output
+    assert "--init_from=resume" in output and "Traceback" not in output
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert 3 <= ckpt["iter_num"] < 100000
+
+
+def test_checkpoint_killed_mid_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    train.save_checkpoint({"iter_num": 1, "weights": torch.arange(1000.0)}, path)
+
+    def dying_save(obj, f):
+        with open(f, "wb") as handle:
+            handle.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt  # the process is killed here
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint({"iter_num": 2, "weights": torch.zeros(1000)}, path)
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["iter_num"] == 1 and torch.equal(ckpt["weights"], torch.arange(1000.0))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_epochs_become_iterations(data_dir, tmp_path):
+    meta = json.loads((data_dir / "tiny" / "meta.json").read_text(encoding="utf-8"))
+    config = tiny_config(data_dir, tmp_path, max_iters=0, epochs=0.5, eval_interval=1000, log_interval=5)
+    result = train.train(config)
+    tokens_per_iter = 4 * 32 * 2
+    assert result["max_iters"] == math.ceil(0.5 * meta["train_tokens"] / tokens_per_iter) == result["iter_num"]
+    last = read_metrics(tmp_path)[-2]  # the last log line before the final evaluation
+    assert last["epoch"] == pytest.approx(last["tokens"] / meta["train_tokens"])
+    assert 0.5 <= result["iter_num"] * tokens_per_iter / meta["train_tokens"] < 0.5 + tokens_per_iter / meta["train_tokens"]
+
+
+def test_fine_tune_from_a_gpt2_chinese_folder(data_dir, tmp_path):
+    folder = tmp_path / "final_model"
+    save_hf_gpt2(GPT(GPTConfig(block_size=64, vocab_size=120, n_layer=1, n_head=2, n_embd=32)), str(folder))
+    result = train.train(tiny_config(data_dir, tmp_path / "out", init_from=str(folder), max_iters=4))
+    assert result["iter_num"] == 4
+    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["model_args"]["block_size"] == 64
+    with pytest.raises(train.ConfigError, match="--vocab"):
+        save_hf_gpt2(GPT(GPTConfig(block_size=64, vocab_size=99, n_layer=1, n_head=2, n_embd=32)), str(folder))
+        train.train(tiny_config(data_dir, tmp_path / "out2", init_from=str(folder)))
+
+
+def test_wandb_offline_run_has_the_metrics(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no login
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "out"
+    train.train(tiny_config(data_dir, out, max_iters=6, eval_interval=3, wandb_log=True, wandb_run_name="tiny-run"))
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    logs = b"".join(p.read_bytes() for p in runs[0].glob("*.wandb"))
+    for key in (b"val_loss", b"tokens_per_s", b"tiny-run", b"learning_rate"):
+        assert key in logs
+
+
+def test_torchrun_two_cpu_processes(data_dir, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train.py"), "--dataset=tiny", f"--data_dir={data_dir}", f"--out_dir={out}",
+           "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
+           "--gradient_accumulation_steps=4", "--max_iters=8", "--eval_interval=4", "--eval_iters=2",
+           "--log_interval=1", "--device=cpu", "--dtype=float32", "--compile=False"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 process(es)" in result.stdout and "ranks in sync" in result.stdout
+    assert result.stdout.count("iter 8/8") == 1  # only rank 0 logs
+    iters = [r["iter"] for r in read_metrics(out) if "loss" in r]
+    assert iters == list(range(1, 9))  # one line per iteration: one writer
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "last.pt", "loss.png", "metrics.jsonl"]
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["iter_num"] == 8
+    # 2 processes x 4 rows x 2 accumulation steps each: the same tokens per step as 1 process with 4.
+    assert "512 tokens per iteration" in result.stdout
