@@ -148,7 +148,8 @@ def get_config(defaults: dict, argv: list[str] | None = None, aliases: dict[str,
                 if next_arg in BOOL_WORDS:
                     raw, i = next_arg, i + 1
             elif next_arg is None or next_arg.startswith("--"):
-                raise ConfigError(f"--{name} needs a value, e.g. --{name}={defaults[key]!r}")
+                raise ConfigError(f"--{name} needs a value: --{name}=VALUE or --{name} VALUE "
+                                  f"(default {defaults[key]!r})")
             else:
                 raw, i = next_arg, i + 1
         overrides.append((key, raw))
