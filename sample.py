@@ -165,6 +165,12 @@ def load_model(out_dir: str = "out", init_from: str = "", vocab: str = "", devic
                dtype: torch.dtype = torch.float32) -> tuple[GPT, Tokenizer]:
     """The model and tokenizer: out_dir's best checkpoint, or init_from (a GPT-2 folder, a run folder or a .pt file)."""
     path = init_from or out_dir
+    if not init_from and out_dir == DEFAULTS["out_dir"] and not glob.glob(os.path.join(out_dir, "*.pt")):
+        # train.py's configs write to their own folders (out-novel-cpu, ...): take the newest run
+        runs = sorted(glob.glob("out*/ckpt.pt"), key=os.path.getmtime)
+        if runs:
+            path = os.path.dirname(runs[-1])
+            print(f"note: using {runs[-1]}, the newest checkpoint here (choose with --out_dir)", file=sys.stderr)
     if os.path.isfile(os.path.join(path, "config.json")):
         model, tok = _load_gpt2_folder(path, vocab)
     else:

@@ -4,6 +4,7 @@ streaming, seeds, the samples file, special tokens, the interactive loop and eve
 import io
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -222,6 +223,17 @@ def test_prompt_from_file_and_interactive_loop(setup, capsys, monkeypatch):
     second = sample(model, tok, "南宫", max_new_tokens=8, seed=10).texts[0]
     assert captured.out == f"> {first}\n> > {second}\n> \n"
     assert len(FIGURES.findall(captured.err)) == 2
+
+
+def test_default_out_dir_falls_back_to_the_newest_run(setup, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("out-older", "out-novel-cpu"):
+        (tmp_path / name).mkdir()
+        shutil.copy(setup / "out" / "ckpt.pt", tmp_path / name / "ckpt.pt")
+    os.utime(tmp_path / "out-older" / "ckpt.pt", (1, 1))
+    sample_py.main(["--start", "苏落", "--device", "cpu", "--max_new_tokens", "3", "--seed", "1"])
+    captured = capsys.readouterr()
+    assert "using out-novel-cpu/ckpt.pt" in captured.err and captured.out.startswith("苏落")
 
 
 def test_no_checkpoint_error_from_the_command_line(tmp_path):
