@@ -199,22 +199,21 @@ def load_model(out_dir: str = "out", init_from: str = "", vocab: str = "", devic
 
 
 def compile_decode_step(model: GPT, compile_option: bool | None, device: str) -> None:
-    """torch.compile the one-token step with CUDA graphs; prompt and window rebuilds stay eager."""
+    """torch.compile the one-token step (CUDA graphs on a GPU, frozen weights on a CPU); auto: CUDA on Linux."""
     wanted = compile_option
     if compile_option is None:
         wanted = device.startswith("cuda") and sys.platform == "linux"
     if not wanted:
         return
-    if not device.startswith("cuda"):
-        print("note: compile only speeds up decoding on CUDA; running without it", file=sys.stderr)
-        return
-    try:
-        import triton  # noqa: F401  (torch.compile's GPU backend; missing e.g. on Windows)
-    except ImportError:
-        print("note: torch.compile needs Triton, which is not installed here; running without it",
-              file=sys.stderr)
-        return
-    model.decode_step = torch.compile(model.decode_step, mode="reduce-overhead")
+    if device.startswith("cuda"):
+        try:
+            import triton  # noqa: F401  (torch.compile's GPU backend; missing e.g. on Windows)
+        except ImportError:
+            print("note: torch.compile needs Triton, which is not installed here; running without it",
+                  file=sys.stderr)
+            return
+    print("note: compiling the decode step; the first tokens wait for it", file=sys.stderr)
+    model.compile_decode()
 
 
 # ------------------------------------------------------------------ generation
