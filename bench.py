@@ -2,35 +2,32 @@
 Speed figures, printed side by side with Hugging Face's GPT2LMHeadModel (the engine GPT2-Chinese trains with).
 
     python bench.py                      # every section
-    python bench.py train_step decode    # only these
+    python bench.py decode               # one section
+    python bench.py train config/novel_small.py --batch_size=8   # training speed of any config
+    python bench.py baseline out-novel-cpu/ckpt.pt               # trigram vs a checkpoint, whole val split
 
 Each section is one function in SECTIONS. transformers is a dev dependency, imported only here.
 Timings on a shared machine are noisy: run it on an idle one for figures to quote.
 """
 
+import math
 import os
 import sys
 import time
+from contextlib import nullcontext
+from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from model import GPT, GPTConfig
+import train
 
 # our users' GPT2-Chinese model, and a small one that trains quickly on a CPU
 USERS_MODEL = GPTConfig(block_size=512, vocab_size=13317, n_layer=10, n_head=12, n_embd=768)
 SMALL_MODEL = GPTConfig(block_size=256, vocab_size=13317, n_layer=4, n_head=4, n_embd=256)
 CHARS_PER_TOKEN = 1.0  # GPT2-Chinese's vocabulary is one token per Chinese character
-
-
-def cpu_supports_bf16() -> bool:
-    """True when this CPU has native bf16 dot products (AVX512-BF16 or AMX), so bf16 autocast pays off."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def hf_gpt2(config: GPTConfig) -> torch.nn.Module:
@@ -67,9 +64,9 @@ def train_step_fn(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: t
     return step
 
 
-def bench_train_step() -> None:
+def bench_train_step(argv: list[str]) -> None:
     """Tokens/s of a full training step (forward, backward, AdamW) on the CPU, ours vs transformers fp32."""
-    bf16 = cpu_supports_bf16()
+    bf16 = train.cpu_has_bf16()
     print(f"train_step: CPU ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads), "
           f"ours {'bf16 autocast' if bf16 else 'fp32'} + torch.compile + fused AdamW, reference fp32 eager")
     for name, config, batch_size, target in (("users' model", USERS_MODEL, 2, 1.7), ("small", SMALL_MODEL, 8, 1.5)):
@@ -119,11 +116,11 @@ def decode_ms_per_token(generate_fn: Callable[[int], object], new_tokens: int) -
     return (seconds(new_tokens) - prompt_s) / (new_tokens - 1) * 1e3
 
 
-def bench_decode() -> None:
+def bench_decode(argv: list[str]) -> None:
     """ms/token for 1,000 new tokens from a 32-token prompt, ours vs transformers with its KV cache."""
     config, new_tokens, prompt_len = USERS_MODEL, 1000, 32
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    fast_dtype = torch.bfloat16 if device == "cuda" or cpu_supports_bf16() else torch.float32
+    fast_dtype = torch.bfloat16 if device == "cuda" or train.cpu_has_bf16() else torch.float32
     torch.manual_seed(0)
     reference = hf_gpt2(config).eval().to(device)
     ours = GPT(config).eval().to(device)
@@ -168,21 +165,186 @@ def bench_decode() -> None:
         print("  target (CPU, batch 1): <= 20 ms/token")
 
 
-SECTIONS: dict[str, Callable[[], None]] = {
+def bench_tokenize(argv: list[str]) -> None:
+    """Tokenizing rate on a synthetic 7.65M-character novel (our users' corpus size), and all of prepare.py."""
+    import tempfile
+    from prepare import count_characters, prepare
+    from tokenizer import Tokenizer, common_characters
+    rng = np.random.default_rng(0)
+    hanzi = [c for c in common_characters() if "\u4e00" <= c <= "\u9fff"][:3000]
+    # Zipf-like character frequencies, with punctuation and paragraph breaks, like a novel.
+    weights = 1.0 / np.arange(1, len(hanzi) + 1)
+    body = rng.choice(np.array(hanzi), size=7_650_000, p=weights / weights.sum())
+    for char, rate in (("，", 0.06), ("。", 0.03), ("“", 0.01), ("”", 0.01), ("\n", 0.01), ("…", 0.002)):
+        body[rng.random(body.size) < rate] = char
+    text = "".join(body.tolist())
+    t0 = time.perf_counter()
+    tok = Tokenizer.build(count_characters([text]), 13317)
+    t_build = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ids = tok.encode(text)
+    t_encode = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tok.decode(ids[:1_000_000])
+    t_decode = time.perf_counter() - t0
+    print(f"tokenize: {len(text):,} characters: vocabulary built in {t_build:.2f} s, encoded in {t_encode:.2f} s "
+          f"({len(text) / t_encode / 1e6:.1f}M chars/s; target < 5 s), decode {1e6 / t_decode / 1e6:.1f}M tokens/s")
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "novel.txt").write_text(text, encoding="utf-8")
+        t0 = time.perf_counter()
+        prepare(str(Path(tmp) / "novel.txt"), "novel", data_dir=tmp)
+        print(f"  python prepare.py novel.txt (read, clean, vocabulary, encode, split, write): "
+              f"{time.perf_counter() - t0:.2f} s")
+
+
+# ------------------------------------------------------------------ training speed of a config
+
+def bench_train(argv: list[str]) -> None:
+    """tokens/s, ms/iter, MFU and peak memory of train.py's step for a config, on random tokens."""
+    from configurator import get_config
+    config = get_config(train.DEFAULTS, argv)
+    device = train.pick_device(config["device"])
+    device_type = "cuda" if device.startswith("cuda") else device
+    dtype = train.pick_dtype(config["dtype"], device_type)
+    torch.manual_seed(config["seed"])
+    model = GPT(GPTConfig(block_size=config["block_size"], vocab_size=13317, n_layer=config["n_layer"],
+                          n_head=config["n_head"], n_embd=config["n_embd"], dropout=config["dropout"],
+                          bias=config["bias"])).to(device)
+    optimizer = model.configure_optimizers(config["weight_decay"], config["learning_rate"],
+                                           (config["beta1"], config["beta2"]), device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+    autocast = nullcontext() if dtype == "float32" else \
+        torch.autocast(device_type, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float16)
+    compiled = train.pick_compile(config["compile"], device_type)
+    step_model = torch.compile(model) if compiled else model
+    batch, block, accumulation = config["batch_size"], config["block_size"], config["gradient_accumulation_steps"]
+
+    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        data = torch.randint(0, 13317, (batch, block + 1), device=device)
+        return data[:, :-1].contiguous(), data[:, 1:].contiguous()
+
+    def step() -> None:
+        train.train_step(step_model, optimizer, scaler, next_batch, accumulation, autocast, config["grad_clip"])
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+
+    if device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    step()  # the first step compiles, where compiled
+    first_s = time.perf_counter() - start
+    seconds = seconds_per_call(step, 1, 5)
+    tokens_per_iter = batch * block * accumulation
+    tokens_per_s = tokens_per_iter / seconds
+    line = (f"train: {model.get_num_params() / 1e6:.1f}M parameters on {device} {dtype}"
+            f"{' compiled' if compiled else ''}, batch {batch} x {block} x {accumulation} accumulation: "
+            f"{seconds * 1e3:.0f} ms/iter, {tokens_per_s:,.0f} tokens/s (first step {first_s:.1f} s)")
+    if device_type == "cuda":
+        peak = config["peak_flops"] or None
+        line += (f", MFU {100 * model.estimate_mfu(batch * accumulation, seconds, peak):.1f}%, "
+                 f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GB")
+    print(line)
+    print(f"  one epoch of a 7.65M-character novel: {7.65e6 / tokens_per_s / 60:.1f} minutes "
+          f"(GPT2-Chinese on our users' RTX 4060 Laptop: 45 minutes)")
+
+
+# ------------------------------------------------------------------ the bar to beat: a trigram model
+
+def trigram_loss(train_ids: np.ndarray, val_ids: np.ndarray, vocab_size: int, discount: float = 0.85) -> float:
+    """Validation loss (nats per token) of an interpolated Kneser-Ney character trigram model.
+
+    The discount 0.85 is the best of 0.75-0.99 on the default corpus (4.450 nats; 0.75 gives 4.467)."""
+    V = vocab_size
+    train_ids, val_ids = train_ids.astype(np.int64), val_ids.astype(np.int64)
+
+    def counts(keys: np.ndarray) -> dict:
+        values, freq = np.unique(keys, return_counts=True)
+        return dict(zip(values.tolist(), freq.tolist()))
+
+    trigram_keys = (train_ids[:-2] * V + train_ids[1:-1]) * V + train_ids[2:]
+    trigram = counts(trigram_keys)
+    context = counts(trigram_keys // V)  # c(a b .)
+    trigram_types = np.unique(trigram_keys)
+    followers = counts(trigram_types // V)  # distinct c after (a, b)
+    # Kneser-Ney: the lower orders count distinct left contexts, not occurrences.
+    bigram_cont = counts(trigram_types % (V * V))  # distinct a before (b, c)
+    middle_cont = counts(trigram_types // V % V)  # distinct (a, c) around b
+    middle_followers = counts(np.unique(trigram_types % (V * V)) // V)  # distinct c after b
+    bigram_types = np.unique(train_ids[:-1] * V + train_ids[1:])
+    unigram_cont = counts(bigram_types % V)  # distinct b before c
+    total = 0.0
+    for a, b, c in zip(val_ids[:-2].tolist(), val_ids[1:-1].tolist(), val_ids[2:].tolist()):
+        p = (unigram_cont.get(c, 0) + 0.5) / (len(bigram_types) + 0.5 * V)  # never zero
+        n = middle_cont.get(b, 0)
+        if n:
+            p = (max(bigram_cont.get(b * V + c, 0) - discount, 0) + discount * middle_followers[b] * p) / n
+        n = context.get(a * V + b, 0)
+        if n:
+            p = (max(trigram.get((a * V + b) * V + c, 0) - discount, 0) + discount * followers[a * V + b] * p) / n
+        total -= math.log(p)
+    return total / (len(val_ids) - 2)
+
+
+@torch.no_grad()
+def checkpoint_val_loss(path: str, val_ids: np.ndarray) -> float:
+    """A checkpoint's loss on the whole val split, each token predicted with at least half a block of context."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    model = GPT(GPTConfig(**checkpoint["model_args"])).eval()
+    model.load_state_dict(checkpoint["model"])
+    block = model.config.block_size
+    ids = torch.from_numpy(val_ids.astype(np.int64))
+    total, count = 0.0, 0
+    for start in range(0, len(ids) - 1, block // 2):
+        window = ids[start:start + block + 1]
+        if len(window) < 2:
+            break
+        x, y = window[:-1].clone(), window[1:].clone()
+        if start > 0:
+            y[:block // 2] = -1  # already scored by the previous window
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, _ = model(x[None], y[None])
+        scored = y >= 0
+        total += torch.nn.functional.cross_entropy(logits[0].float()[scored], y[scored], reduction="sum").item()
+        count += int(scored.sum())
+    return total / count
+
+
+def bench_baseline(argv: list[str]) -> None:
+    """Val loss of a character trigram model on the default corpus, and of the checkpoints given."""
+    import json
+    import prepare
+    folder = Path("data") / prepare.DEFAULT_NAME
+    if not (folder / "meta.json").exists():
+        prepare.prepare()
+    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    train_ids = np.fromfile(folder / "train.bin", dtype=meta["dtype"])
+    val_ids = np.fromfile(folder / "val.bin", dtype=meta["dtype"])
+    print(f"baseline: {folder} val split, {len(val_ids):,} tokens, nats per token (= per character)")
+    print(f"  character trigram (interpolated Kneser-Ney): {trigram_loss(train_ids, val_ids, meta['vocab_size']):.3f}")
+    for path in argv:
+        print(f"  {path}: {checkpoint_val_loss(path, val_ids):.3f}")
+
+
+SECTIONS: dict[str, Callable[[list[str]], None]] = {
+    "tokenize": bench_tokenize,
     "train_step": bench_train_step,
     "decode": bench_decode,
+    "train": bench_train,
+    "baseline": bench_baseline,
 }
 
 
 def main(argv: list[str]) -> int:
-    names = argv or list(SECTIONS)
-    unknown = [n for n in names if n not in SECTIONS]
-    if unknown:
-        print(f"bench.py: unknown section {', '.join(unknown)}; choose from {', '.join(SECTIONS)}", file=sys.stderr)
+    """`python bench.py [section] [its arguments]`; no section: every section with its defaults."""
+    if argv and argv[0] not in SECTIONS:
+        print(f"bench.py: unknown section {argv[0]}; choose from {', '.join(SECTIONS)}", file=sys.stderr)
         return 2
     torch.set_num_threads(os.cpu_count() or 1)
-    for name in names:
-        SECTIONS[name]()
+    if argv:
+        SECTIONS[argv[0]](argv[1:])
+    else:
+        for section in SECTIONS.values():
+            section([])
     return 0
 
 

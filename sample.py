@@ -23,6 +23,7 @@ import torch
 from configurator import ConfigError, exit_with_error, get_config
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
+from train import cpu_has_bf16
 
 DEFAULTS = dict(
     out_dir="out",  # the best checkpoint, out_dir/ckpt.pt, is used
@@ -78,16 +79,6 @@ def pick_device(device: str) -> str:
         print("note: MPS is not available here; running on the CPU", file=sys.stderr)
         return "cpu"
     return name
-
-
-def cpu_has_bf16() -> bool:
-    """True where the CPU computes bfloat16 natively (AVX512-BF16 or AMX), so half-size weights pay off."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def pick_dtype(dtype: str, device: str) -> torch.dtype:

@@ -176,6 +176,29 @@ def estimate_loss(model: GPT, folder: Path, meta: dict, config: dict, device: st
     return losses
 
 
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               next_batch, accumulation: int, autocast, grad_clip: float) -> torch.Tensor:
+    """One optimizer step over `accumulation` micro-batches; returns their mean loss (on the device)."""
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    total = 0.0
+    for micro_step in range(accumulation):
+        x, y = next_batch()
+        # Under DDP, gradients are averaged across ranks only in the last micro-step's backward.
+        sync = model.no_sync() if ddp and micro_step < accumulation - 1 else nullcontext()
+        with sync:
+            with autocast:
+                _, loss = model(x, y)
+            scaler.scale(loss / accumulation).backward()
+        total = total + loss.detach().float()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return total / accumulation
+
+
 def save_checkpoint(checkpoint: dict, path: Path) -> None:
     """torch.save to a temporary file, then rename: a crash mid-write keeps the previous file."""
     tmp = path.with_name(path.name + ".tmp")
@@ -354,6 +377,13 @@ def train(config: dict) -> dict:
 
     old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
 
+    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's rows of the next micro-batch (all ranks draw the same offsets, each takes its own)."""
+        x, y = get_batch(folder, "train", meta["dtype"], config["batch_size"] * world_size, config["block_size"],
+                         batch_generator, device)
+        rows = slice(rank * config["batch_size"], (rank + 1) * config["batch_size"])
+        return x[rows], y[rows]
+
     # ---- the loop -------------------------------------------------------------------------------
     last_losses: dict = {}
     t0, timed_iters, loss_iters = time.time(), 0, 0
@@ -381,24 +411,7 @@ def train(config: dict) -> dict:
             lr = lr_at(iter_num, config, max_iters)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            for micro_step in range(accumulation):
-                x, y = get_batch(folder, "train", meta["dtype"], config["batch_size"] * world_size,
-                                 config["block_size"], batch_generator, device)
-                rows = slice(rank * config["batch_size"], (rank + 1) * config["batch_size"])
-                x, y = x[rows], y[rows]
-                # Under DDP, gradients are averaged across ranks only on the last micro-step.
-                sync = nullcontext() if not ddp or micro_step == accumulation - 1 else model.no_sync()
-                with sync, autocast:
-                    _, loss = model(x, y)
-                    loss = loss / accumulation
-                scaler.scale(loss).backward()
-                loss_sum += loss.detach()
-            if config["grad_clip"] > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            loss_sum += train_step(model, optimizer, scaler, next_batch, accumulation, autocast, config["grad_clip"])
             iter_num += 1
             timed_iters += 1
             loss_iters += 1

@@ -9,16 +9,19 @@ n_embd = 256
 block_size = 128
 dropout = 0.0
 
-batch_size = 32
+# Small batches: with a fixed 10 minutes, more (noisier) steps learn more than fewer big ones
+# (batch 8 gave a lower val loss than 16 and 32 for the same tokens and time).
+batch_size = 8
 gradient_accumulation_steps = 1
-max_iters = 2000
+max_iters = 2400
 
-learning_rate = 2e-3
-min_lr = 2e-4
+learning_rate = 3e-3  # 5e-3 was worse (at batch 16)
+min_lr = 3e-4
 warmup_iters = 100
 weight_decay = 0.1
 beta2 = 0.99  # small batches: a longer second-moment average is steadier
 
-eval_interval = 250
-eval_iters = 20
-log_interval = 50
+compile = True  # on a CPU too: about 1.5x faster steps for this model, after ~20 s of compiling
+eval_interval = 400
+eval_iters = 40
+log_interval = 100

@@ -188,3 +188,25 @@ def test_torchrun_two_cpu_processes(data_dir, tmp_path):
     assert ckpt["iter_num"] == 8
     # 2 processes x 4 rows x 2 accumulation steps each: the same tokens per step as 1 process with 4.
     assert "512 tokens per iteration" in result.stdout
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    real_step, steps = train.train_step, {"n": 0}
+
+    def step_that_diverges(*args):
+        steps["n"] += 1
+        loss = real_step(*args)
+        return loss * float("nan") if steps["n"] >= 5 else loss
+
+    monkeypatch.setattr(train, "train_step", step_that_diverges)
+    with pytest.raises(FloatingPointError, match="iteration 5"):
+        train.train(tiny_config(data_dir, tmp_path, max_iters=20, eval_interval=3))
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert last["iter_num"] == 3 and all(torch.isfinite(v).all() for v in last["model"].values())
+    result = subprocess.run([sys.executable, "-c", "import sys, train; train.main(sys.argv[1:])",
+                             "--dataset=tiny", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'o'}",
+                             "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
+                             "--max_iters=3", "--learning_rate=1e300", "--warmup_iters=0", "--device=cpu", "--log_interval=1"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: the training loss became nan") and result.stderr.count("\n") == 1
