@@ -3,14 +3,12 @@
 import json
 import math
 import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import transformers  # noqa: E402  (test-only dependency, requirements-dev.txt)
-from model import GPT, GPTConfig, peak_flops_for, sample_next, save_hf_gpt2  # noqa: E402
+import transformers  # test-only dependency, requirements-dev.txt
+from model import GPT, GPTConfig, peak_flops_for, sample_next, save_hf_gpt2
 
 TINY = dict(block_size=32, vocab_size=97, n_layer=2, n_head=2, n_embd=16)
 
