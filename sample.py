@@ -23,7 +23,7 @@ import torch
 from configurator import ConfigError, exit_with_error, get_config
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
-from train import cpu_has_bf16
+import train
 
 DEFAULTS = dict(
     out_dir="out",  # the best checkpoint, out_dir/ckpt.pt, is used
@@ -63,9 +63,7 @@ class Samples(NamedTuple):
 def pick_device(device: str) -> str:
     """Resolve `auto` and GPT2-Chinese style GPU indices ("1", "0,1"); CPU with a notice if the GPU is missing."""
     if device == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if torch.backends.mps.is_available() else "cpu"
+        return train.pick_device("auto")
     name = f"cuda:{device.split(',')[0]}" if device.replace(",", "").isdigit() else device
     try:
         wanted = torch.device(name)
@@ -87,7 +85,7 @@ def pick_dtype(dtype: str, device: str) -> torch.dtype:
         return DTYPES[dtype]
     if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if device == "cpu" and cpu_has_bf16() else torch.float32
+    return torch.bfloat16 if device == "cpu" and train.cpu_has_bf16() else torch.float32
 
 
 def check_options(config: dict) -> None:
