@@ -64,19 +64,22 @@ def clean_text(text: str) -> str:
     return text.strip()
 
 
-def read_documents(path: Path) -> list[str]:
-    """The documents (raw text, not yet cleaned) of a .txt file, a .json file or a folder of .txt files."""
+def read_documents(path: Path) -> tuple[list[str], str]:
+    """The documents (raw text, not yet cleaned) of a .txt file, a .json file or a folder of .txt files,
+    and the SHA-256 of the bytes read (a folder's files in name order)."""
     if not path.exists():
         raise PrepareError(f"{path} does not exist; give a .txt file, a .json file or a folder of .txt files")
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".txt")
-        if not files:
-            raise PrepareError(f"folder {path} has no .txt files")
-        return [decode_bytes(p.read_bytes(), str(p)) for p in files]
-    text = decode_bytes(path.read_bytes(), str(path))
-    if path.suffix.lower() in (".json", ".jsonl"):
-        return parse_json_documents(text, path)
-    return [text]
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".txt") if path.is_dir() else [path]
+    if not files:
+        raise PrepareError(f"folder {path} has no .txt files")
+    digest, texts = hashlib.sha256(), []
+    for p in files:
+        data = p.read_bytes()
+        digest.update(data)
+        texts.append(decode_bytes(data, str(p)))
+    if not path.is_dir() and path.suffix.lower() in (".json", ".jsonl"):
+        return parse_json_documents(texts[0], path), digest.hexdigest()
+    return texts, digest.hexdigest()
 
 
 def parse_json_documents(text: str, path: Path) -> list[str]:
@@ -195,9 +198,8 @@ def prepare(source: str | None = None, name: str | None = None, vocab: str | Non
         docs, name, source_name = [text], name or DEFAULT_NAME, f"{DEFAULT_PACKAGE}:{DEFAULT_MEMBER}"
     else:
         path = Path(source)
-        raw_docs = read_documents(path)
-        digest = hash_source(path)
-        docs, name, source_name = raw_docs, name or path.stem, str(path)
+        docs, digest = read_documents(path)
+        name, source_name = name or path.stem, str(path)
     docs = [d for d in (clean_text(d) for d in docs) if d]
     if not docs:
         raise PrepareError(f"{source} holds no text after cleaning; give a file with the novel in it")
@@ -254,15 +256,6 @@ def count_characters(docs: list[str]) -> Counter:
         values, freqs = np.unique(code_points, return_counts=True)
         counts.update({chr(v): int(n) for v, n in zip(values.tolist(), freqs.tolist())})
     return counts
-
-
-def hash_source(path: Path) -> str:
-    """SHA-256 of a file, or of a folder's .txt files in name order."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".txt") if path.is_dir() else [path]
-    for p in files:
-        digest.update(p.read_bytes())
-    return digest.hexdigest()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,5 @@
 """prepare.py and tokenizer.py on real files made in tmp_path."""
+import hashlib
 import json
 import subprocess
 import sys
@@ -112,6 +113,7 @@ def test_txt_encodings(tmp_path, encoding):
     meta = prepare.prepare(str(src), "novel", data_dir=str(tmp_path / "data"), block_size=64)
     check_dataset(tmp_path / "data" / "novel")
     assert meta["unk_tokens"] == 0 and meta["documents"] == 1
+    assert meta["source_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
     tok = Tokenizer.from_meta(meta)
     train = load_split(tmp_path / "data" / "novel", "train")
     assert tok.decode(train[1:len(STORY) + 4], raw=True) == prepare.clean_text(text)[:len(STORY) + 3]
