@@ -24,8 +24,11 @@ from typing import NoReturn
 BOOL_WORDS = {"True": True, "true": True, "False": False, "false": False}
 
 
-class ConfigError(ValueError):
-    """A bad config file or command-line option; the message is one line meant for the user."""
+class UserError(ValueError):
+    """A mistake the user can fix (bad option, bad file, missing data); the message is one line for them."""
+
+
+ConfigError = UserError  # the name the scripts used before UserError covered every one-line error
 
 
 def exit_with_error(message: object) -> NoReturn:
