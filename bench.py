@@ -202,7 +202,7 @@ def bench_tokenize(argv: list[str]) -> None:
 def bench_train(argv: list[str]) -> None:
     """tokens/s, ms/iter, MFU and peak memory of train.py's step for a config, on random tokens."""
     from configurator import get_config
-    config = get_config(train.DEFAULTS, argv)
+    config = get_config(train.DEFAULTS, argv, types=train.TYPES)
     device = train.pick_device(config["device"])
     device_type = "cuda" if device.startswith("cuda") else device
     dtype = train.pick_dtype(config["dtype"], device_type)

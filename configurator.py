@@ -5,11 +5,12 @@
 
 `get_config(defaults)` returns a new dict. Positional arguments are config files (plain Python,
 UTF-8), applied in order; then `--key=value` / `--key value` overrides, applied in order; a bare
-`--flag` sets a bool key to True. Values are Python literals, falling back to the raw string, and
-must match the type of the default. `--help` lists every key with its default.
+`--flag` sets a bool key to True (booleans take only True/true/False/false). Values are Python
+literals, falling back to the raw string, and must match the type of the default, or the type
+declared in `types=` for a key whose default is None ("auto"). `--help` lists every key.
 
-Convention for scripts: every bad setting raises ConfigError (a ValueError with a one-line
-message); catch it in main() and call `exit_with_error(e)`, which prints "error: ..." to stderr
+Convention for scripts: every mistake a user can fix raises UserError (a ValueError with a one-line
+message); main() catches it and calls `exit_with_error(e)`, which prints "error: ..." to stderr
 and exits with status 2 (the same status argparse uses for usage errors).
 """
 
@@ -18,7 +19,7 @@ import difflib
 import os
 import sys
 import traceback
-import types
+from types import ModuleType
 from typing import NoReturn
 
 BOOL_WORDS = {"True": True, "true": True, "False": False, "false": False}
@@ -43,43 +44,48 @@ def _unknown(name: str, valid: list[str], where: str) -> ConfigError:
     return ConfigError(f"{where}unknown option '{name}'{hint} (see --help for the list)")
 
 
-def _type_name(default: object) -> str:
-    return {bool: "True or False", int: "an integer", float: "a number", str: "a string"}.get(
-        type(default), type(default).__name__)
+def _type_name(kind: type) -> str:
+    return {bool: "True or False", int: "an integer", float: "a number", str: "a string"}.get(kind, kind.__name__)
 
 
-def _checked(key: str, value: object, default: object, where: str = "") -> object:
-    """Return value if it fits the type of default (an int is accepted as a float), else raise."""
-    if default is None:
+def _checked(key: str, value: object, default: object, declared: type | None = None, where: str = "") -> object:
+    """Return value if it fits the key's type (that of its default, or `declared` for a None default, which
+    then also admits None); an int is accepted as a float. Raise ConfigError otherwise."""
+    kind = type(default) if default is not None else declared
+    if kind is None:
+        raise TypeError(f"option {key} defaults to None: declare its type in get_config(types=...)")
+    if default is None and value is None:
         return value
-    if isinstance(default, bool):
+    if kind is bool:
         ok = isinstance(value, bool)
-    elif isinstance(default, int):
+    elif kind is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, float):
+    elif kind is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
     else:
-        ok = isinstance(value, type(default))
+        ok = isinstance(value, kind)
     if not ok:
-        raise ConfigError(f"{where}--{key} expects {_type_name(default)}, got {value!r}")
+        also = " (or None for auto)" if default is None else ""
+        raise ConfigError(f"{where}--{key} expects {_type_name(kind)}{also}, got {value!r}")
     return value
 
 
-def _parse(key: str, raw: str, default: object) -> object:
+def _parse(key: str, raw: str, default: object, declared: type | None) -> object:
     """Turn a command-line string into a value for key; a str key keeps the text as typed."""
-    if isinstance(default, str):
+    kind = type(default) if default is not None else declared
+    if kind is str and not (default is None and raw == "None"):
         return raw
-    if isinstance(default, bool) and raw in BOOL_WORDS:
+    if kind is bool and raw in BOOL_WORDS:
         return BOOL_WORDS[raw]
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         value = raw
-    return _checked(key, value, default)
+    return _checked(key, value, default, declared)
 
 
-def _read_config_file(path: str, defaults: dict) -> dict:
+def _read_config_file(path: str, defaults: dict, types: dict[str, type]) -> dict:
     """Run a config file in a fresh namespace and return the settings it makes."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -98,11 +104,11 @@ def _read_config_file(path: str, defaults: dict) -> dict:
         raise ConfigError(f"{path}, line {line}: {type(e).__name__}: {e}") from None
     settings = {}
     for name, value in namespace.items():
-        if name.startswith("_") or isinstance(value, types.ModuleType):
+        if name.startswith("_") or isinstance(value, ModuleType):
             continue
         if name not in defaults:
             raise _unknown(name, list(defaults), f"{path}: ")
-        settings[name] = _checked(name, value, defaults[name], f"{path}: ")
+        settings[name] = _checked(name, value, defaults[name], types.get(name), f"{path}: ")
     return settings
 
 
@@ -121,10 +127,17 @@ def _print_help(defaults: dict, aliases: dict[str, str]) -> None:
             print(f"  --{alias:<{width}} same as --{key}")
 
 
-def get_config(defaults: dict, argv: list[str] | None = None, aliases: dict[str, str] | None = None) -> dict:
-    """Return a copy of defaults updated by the config files and --key=value options in argv."""
+def get_config(defaults: dict, argv: list[str] | None = None, aliases: dict[str, str] | None = None,
+               types: dict[str, type] | None = None, positional: str | None = None) -> dict:
+    """Return a copy of defaults updated by the config files and --key=value options in argv.
+
+    types declares the type of each key whose default is None (None then means "auto"). With
+    `positional`, a bare argument is that key's value (prepare.py's input file) instead of a config file."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    aliases = dict(aliases or {})
+    aliases, types = dict(aliases or {}), dict(types or {})
+    for key, default in defaults.items():
+        if default is None and key not in types:
+            raise TypeError(f"option {key} defaults to None: declare its type in get_config(types=...)")
     valid = list(defaults) + list(aliases)
     files, overrides = [], []
     i = 0
@@ -137,7 +150,12 @@ def get_config(defaults: dict, argv: list[str] | None = None, aliases: dict[str,
         if not arg.startswith("--"):
             if arg.startswith("-") and len(arg) > 1:
                 raise ConfigError(f"unknown option '{arg}'; options look like --key=value (see --help)")
-            files.append(arg)
+            if positional is None:
+                files.append(arg)
+            elif any(key == positional for key, _ in overrides):
+                raise ConfigError(f"one {positional} only, got a second: '{arg}'")
+            else:
+                overrides.append((positional, arg))
             continue
         name, has_value, raw = arg[2:].partition("=")
         key = aliases.get(name, name)
@@ -145,7 +163,7 @@ def get_config(defaults: dict, argv: list[str] | None = None, aliases: dict[str,
             raise _unknown(name, valid, "")
         if not has_value:
             next_arg = argv[i] if i < len(argv) else None
-            if isinstance(defaults[key], bool):
+            if isinstance(defaults[key], bool) or types.get(key) is bool:
                 # a bool key takes the next word only if it is one; otherwise it is a bare flag
                 raw = "True"
                 if next_arg in BOOL_WORDS:
@@ -158,7 +176,7 @@ def get_config(defaults: dict, argv: list[str] | None = None, aliases: dict[str,
         overrides.append((key, raw))
     config = dict(defaults)
     for path in files:
-        config.update(_read_config_file(path, defaults))
+        config.update(_read_config_file(path, defaults, types))
     for key, raw in overrides:
-        config[key] = _parse(key, raw, defaults[key])
+        config[key] = _parse(key, raw, defaults[key], types.get(key))
     return config

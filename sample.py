@@ -25,6 +25,7 @@ from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 import train
 
+TYPES = dict(compile=bool)  # keys whose default None means auto
 DEFAULTS = dict(
     out_dir="out",  # the best checkpoint, out_dir/ckpt.pt, is used
     init_from="",  # or a GPT2-Chinese / Hugging Face GPT-2 folder, or a .pt checkpoint file
@@ -355,7 +356,7 @@ def interactive_loop(model: GPT, tok: Tokenizer, config: dict, seed: int) -> Non
 def main(argv: list[str] | None = None) -> None:
     """The command line; every user error ends with a one-line message and exit status 2."""
     try:
-        config = get_config(DEFAULTS, argv, ALIASES)
+        config = get_config(DEFAULTS, argv, ALIASES, types=TYPES)
         check_options(config)
         prompt = read_prompt(config["start"])
         device = pick_device(config["device"])

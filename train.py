@@ -28,6 +28,7 @@ from configurator import ConfigError, exit_with_error, get_config
 from model import GPT, GPTConfig, peak_flops_for
 from tokenizer import Tokenizer
 
+TYPES = dict(compile=bool)  # keys whose default None means auto
 DEFAULTS = dict(
     # data and output
     dataset="hongloumeng",  # folder under data_dir written by prepare.py
@@ -480,7 +481,7 @@ def check_ranks_in_sync(model: GPT, master: bool) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        config = get_config(DEFAULTS, argv)
+        config = get_config(DEFAULTS, argv, types=TYPES)
         result = train(config)
     except ConfigError as e:
         exit_with_error(e)
