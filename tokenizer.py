@@ -23,6 +23,7 @@ SPECIAL_PATTERN = re.compile(r"(\[(?:PAD|UNK|CLS|SEP|MASK)\])")
 SPECIAL_TEXT = {"[PAD]": "", "[MASK]": "", "[SEP]": "\n", "[CLS]": "\n\n"}
 NEWLINE_LINE = "\\n"  # how the newline token is written in a vocab file (a line can't hold "\n")
 MAX_CODE_POINT = 0x110000
+DEFAULT_VOCAB_SIZE = 13317  # GPT2-Chinese vocab_small.txt's size, and the size of a vocabulary we build
 
 
 def common_characters() -> list[str]:
