@@ -16,7 +16,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 MIN_DISCOUNT = 0.05  # modified Kneser-Ney discounts never go below this (only tiny corpora get near it)
 
@@ -131,12 +130,13 @@ class InterpolatedKneserNey:
 
     def probabilities(self, context: Sequence[int]) -> np.ndarray:
         """(V,) the distribution of the next token after `context` (its last order-1 tokens count)."""
+        context = check_ids(np.asarray(context, dtype=np.int64), self.vocab_size, "context").tolist()
         p, V = self.base.copy(), self.vocab_size
         for level in self.levels:
             k = level.order
             if k - 1 > len(context):
                 break
-            h = self.index.number(list(context)[len(context) - (k - 1):] if k > 1 else [])
+            h = self.index.number(context[len(context) - (k - 1):] if k > 1 else [])
             if h < 0:
                 break  # an unseen context: no longer one was seen either
             if level.totals[h] == 0:
@@ -211,6 +211,7 @@ def modified_kneser_ney_loss(train_ids: np.ndarray, val_ids: np.ndarray, vocab_s
 
 
 def mean_nats(p: np.ndarray) -> float:
+    """The mean of -ln p: a loss in nats per token."""
     if len(p) == 0:
         raise ValueError("the val split is too short to score a token; give a longer one")
     return float(-np.log(p).mean())
@@ -260,10 +261,10 @@ def whole_split_loss(model: torch.nn.Module, ids: np.ndarray, context: int = 64,
             for first in range(0, len(starts), batch_size):
                 x, y = window_batch(tokens, starts[first:first + batch_size], config.block_size, context)
                 x, y = x.to(device), y.to(device)
-                logits, _ = model(x, y)  # (B, T, V)
-                total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1,
-                                         reduction="sum").item()
-                count += int((y >= 0).sum())
+                _, loss = model(x, y)  # the mean over the scored targets (those not -1)
+                scored = int((y >= 0).sum())
+                total += loss.item() * scored
+                count += scored
     finally:
         model.train(was_training)
     assert count == len(tokens) - 1, "the windows must score every token but the first exactly once"

@@ -170,6 +170,8 @@ def test_ngram_losses_reject_ids_outside_the_vocabulary():
         modified_kneser_ney_loss(np.arange(10), np.array([1, 2, 10]), 10)
     with pytest.raises(ValueError, match="1-D"):
         kneser_ney_trigram_loss(np.arange(10).reshape(2, 5), np.arange(5), 10)
+    with pytest.raises(ValueError, match="context holds token ids outside"):
+        modified_kneser_ney(np.arange(10), 10, 3).probabilities([3, 12])
 
 
 # ------------------------------------------------------------------ a GPT on a whole split
