@@ -1,4 +1,4 @@
-"""prepare.py and tokenizer.py on real files made in tmp_path."""
+"""prepare.py, dataset.prepare and tokenizer.py on real files made in tmp_path."""
 import hashlib
 import json
 import subprocess
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import prepare
+import dataset
 from tokenizer import TOKEN_PATTERN, Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,18 +110,18 @@ def test_txt_encodings(tmp_path, encoding):
     text = make_story(40).replace("\n", "\r\n")
     src = tmp_path / "novel.txt"
     src.write_bytes(text.encode(encoding))
-    meta = prepare.prepare(str(src), "novel", data_dir=str(tmp_path / "data"), block_size=64)
+    meta = dataset.prepare(str(src), "novel", data_dir=str(tmp_path / "data"), block_size=64)
     check_dataset(tmp_path / "data" / "novel")
     assert meta["unk_tokens"] == 0 and meta["documents"] == 1
     assert meta["source_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
     tok = Tokenizer.from_meta(meta)
     train = load_split(tmp_path / "data" / "novel", "train")
-    assert tok.decode(train[1:len(STORY) + 4], raw=True) == prepare.clean_text(text)[:len(STORY) + 3]
+    assert tok.decode(train[1:len(STORY) + 4], raw=True) == dataset.clean_text(text)[:len(STORY) + 3]
 
 
 def test_cleaning_keeps_paragraphs():
     raw = "第一段。  \r\n\r\n\r\n\r\n第二段\x07。\u3000\r第三段\t\x00\n"
-    assert prepare.clean_text(raw) == "第一段。\n\n第二段。\n第三段"
+    assert dataset.clean_text(raw) == "第一段。\n\n第二段。\n第三段"
 
 
 def test_json_formats_and_folder(tmp_path):
@@ -136,7 +136,7 @@ def test_json_formats_and_folder(tmp_path):
     (folder / "notes.md").write_text("not a chapter", encoding="utf-8")
     results = []
     for name in ["list.json", "objects.json", "lines.jsonl", "chapters"]:
-        meta = prepare.prepare(str(tmp_path / name), "out", data_dir=str(tmp_path / "data"), block_size=64)
+        meta = dataset.prepare(str(tmp_path / name), "out", data_dir=str(tmp_path / "data"), block_size=64)
         check_dataset(tmp_path / "data" / "out")
         assert meta["documents"] == 3
         results.append((load_split(tmp_path / "data" / "out", "train").tolist(),
@@ -150,7 +150,7 @@ def test_json_formats_and_folder(tmp_path):
 def test_split_has_no_overlap(tmp_path):
     docs = [f"文{k}：" + "".join(f"第{k}章第{j}句，宝玉说了句{j * 7 + k}。\n" for j in range(60)) for k in range(4)]
     (tmp_path / "docs.json").write_text(json.dumps(docs, ensure_ascii=False), encoding="utf-8")
-    meta = prepare.prepare(str(tmp_path / "docs.json"), "split", data_dir=str(tmp_path / "data"),
+    meta = dataset.prepare(str(tmp_path / "docs.json"), "split", data_dir=str(tmp_path / "data"),
                            block_size=64, val_fraction=0.2)
     check_dataset(tmp_path / "data" / "split", 0.2)
     tok = Tokenizer.from_meta(meta)
@@ -167,7 +167,7 @@ def test_vocab_option(tmp_path):
     vocab = tmp_path / "vocab_small.txt"
     write_vocab_small(vocab)
     (tmp_path / "n.txt").write_text("宝玉笑道：“你好！”\n黛玉道：“好。”\n" * 40, encoding="utf-8")
-    meta = prepare.prepare(str(tmp_path / "n.txt"), "v", vocab=str(vocab), data_dir=str(tmp_path / "data"),
+    meta = dataset.prepare(str(tmp_path / "n.txt"), "v", vocab=str(vocab), data_dir=str(tmp_path / "data"),
                            block_size=32)
     check_dataset(tmp_path / "data" / "v")
     assert meta["vocab_size"] == len(vocab.read_text(encoding="utf-8").splitlines())
@@ -182,7 +182,7 @@ def test_default_corpus(tmp_path):
     meta = check_dataset(tmp_path / "data" / "hongloumeng")
     assert 580_000 < meta["characters"] < 610_000
     assert meta["unk_tokens"] == 0 and meta["vocab_size"] == 13317
-    assert meta["source_sha256"] == prepare.DEFAULT_SHA256
+    assert meta["source_sha256"] == dataset.DEFAULT_SHA256
     tok = Tokenizer.from_meta(meta)
     text = tok.decode(load_split(tmp_path / "data" / "hongloumeng", "train"))
     assert "【" not in text and "】" not in text and "宝玉" in text and "黛玉" in text
@@ -200,7 +200,7 @@ def bad_input_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["missing.txt"], "does not exist"),
         (["empty.txt"], "no text"),
         (["binary.txt"], "not text in a known encoding"),
-        (["latin.txt"], "tried utf-8, utf-16, gb18030"),
+        (["latin.txt"], "give it with --encoding=NAME"),
         (["short.txt"], "corpus too small"),
         (["bad.json"], "neither JSON nor JSON Lines"),
         (["ok.txt", "--vocab_size", "4"], "too small"),
@@ -230,15 +230,15 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr("builtins.open", failing_open)
     with pytest.raises(KeyboardInterrupt):
-        prepare.prepare(str(tmp_path / "n.txt"), "n", data_dir=str(data), block_size=64)
+        dataset.prepare(str(tmp_path / "n.txt"), "n", data_dir=str(data), block_size=64)
     assert list(data.iterdir()) == []
     # An interrupted re-run keeps the previous complete dataset as it was.
     monkeypatch.setattr("builtins.open", real_open)
-    prepare.prepare(str(tmp_path / "n.txt"), "n", data_dir=str(data), block_size=64)
+    dataset.prepare(str(tmp_path / "n.txt"), "n", data_dir=str(data), block_size=64)
     before = {p.name: p.read_bytes() for p in (data / "n").iterdir()}
     monkeypatch.setattr("builtins.open", failing_open)
     (tmp_path / "n.txt").write_text(make_story(50), encoding="utf-8")
     with pytest.raises(KeyboardInterrupt):
-        prepare.prepare(str(tmp_path / "n.txt"), "n", data_dir=str(data), block_size=64)
+        dataset.prepare(str(tmp_path / "n.txt"), "n", data_dir=str(data), block_size=64)
     assert [p.name for p in data.iterdir()] == ["n"]
     assert {p.name: p.read_bytes() for p in (data / "n").iterdir()} == before
