@@ -26,7 +26,7 @@ from checkpoint import checkpoint_state, load_model
 from copycheck import load_copy_index
 from engine import Engine, SamplingSettings
 from model import GPT, GPTConfig
-from prepare import prepare
+from dataset import prepare
 from serve import Limits, create_app, is_loopback
 from serve import main as serve_main
 from tokenizer import Tokenizer
