@@ -94,7 +94,8 @@ class FolderLock:
                 return None
             raise UserError(f"{self.folder} does not exist") from None
         except OSError as e:
-            raise UserError(f"cannot lock {self.folder} ({e.strerror or e}); is it a folder you can write to?") from None
+            raise UserError(f"cannot lock {self.folder} ({e.strerror or e}); is it a folder you can write to?") \
+                from None
 
     def _still_the_folders(self, fd: int) -> bool:
         """Whether the file we locked is still the folder's lock file (not one swapped away meanwhile)."""
