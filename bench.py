@@ -4,9 +4,9 @@ Speed figures, printed side by side with Hugging Face's GPT2LMHeadModel (the eng
     python bench.py                      # every section
     python bench.py decode               # one section
     python bench.py train config/novel_small.py --batch_size=8   # training speed of any config
-    python bench.py baseline out-novel-cpu/ckpt.pt               # trigram vs a checkpoint, whole val split
 
 Each section is one function in SECTIONS. transformers is a dev dependency, imported only here.
+Quality (val loss, n-gram baselines) is evaluate.py's job; this file measures speed only.
 Timings on a shared machine are noisy: run it on an idle one for figures to quote.
 """
 
@@ -21,12 +21,15 @@ from typing import Callable
 import numpy as np
 import torch
 
+from engine import Engine
 from model import GPT, GPTConfig
+from runtime import cpu_has_bf16, init_runtime
+from tokenizer import DEFAULT_VOCAB_SIZE
 import train
 
 # our users' GPT2-Chinese model, and a small one that trains quickly on a CPU
-USERS_MODEL = GPTConfig(block_size=512, vocab_size=13317, n_layer=10, n_head=12, n_embd=768)
-SMALL_MODEL = GPTConfig(block_size=256, vocab_size=13317, n_layer=4, n_head=4, n_embd=256)
+USERS_MODEL = GPTConfig(block_size=512, vocab_size=DEFAULT_VOCAB_SIZE, n_layer=10, n_head=12, n_embd=768)
+SMALL_MODEL = GPTConfig(block_size=256, vocab_size=DEFAULT_VOCAB_SIZE, n_layer=4, n_head=4, n_embd=256)
 CHARS_PER_TOKEN = 1.0  # GPT2-Chinese's vocabulary is one token per Chinese character
 
 
@@ -66,7 +69,7 @@ def train_step_fn(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: t
 
 def bench_train_step(argv: list[str]) -> None:
     """Tokens/s of a full training step (forward, backward, AdamW) on the CPU, ours vs transformers fp32."""
-    bf16 = train.cpu_has_bf16()
+    bf16 = cpu_has_bf16()
     print(f"train_step: CPU ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads), "
           f"ours {'bf16 autocast' if bf16 else 'fp32'} + torch.compile + fused AdamW, reference fp32 eager")
     for name, config, batch_size, target in (("users' model", USERS_MODEL, 2, 1.7), ("small", SMALL_MODEL, 8, 1.5)):
@@ -82,7 +85,7 @@ def bench_train_step(argv: list[str]) -> None:
         del reference, ref_optimizer
 
         ours = GPT(config).train()
-        optimizer = ours.configure_optimizers(0.1, 6e-4, (0.9, 0.95), "cpu")
+        optimizer = train.make_optimizer(ours, dict(train.DEFAULTS, learning_rate=6e-4), "cpu")
         eager_s = seconds_per_call(train_step_fn(ours, optimizer, x, y, bf16, hf=False), 1, 3)
         compiled_s = seconds_per_call(train_step_fn(torch.compile(ours), optimizer, x, y, bf16, hf=False), 2, 3)
 
@@ -120,7 +123,7 @@ def bench_decode(argv: list[str]) -> None:
     """ms/token for 1,000 new tokens from a 32-token prompt, ours vs transformers with its KV cache."""
     config, new_tokens, prompt_len = USERS_MODEL, 1000, 32
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    fast_dtype = torch.bfloat16 if device == "cuda" or train.cpu_has_bf16() else torch.float32
+    fast_dtype = torch.bfloat16 if device == "cuda" or cpu_has_bf16() else torch.float32
     torch.manual_seed(0)
     reference = hf_gpt2(config).eval().to(device)
     ours = GPT(config).eval().to(device)
@@ -138,7 +141,7 @@ def bench_decode(argv: list[str]) -> None:
         prompt = torch.randint(0, config.vocab_size, (batch_size, prompt_len), device=device)
 
         def ours_generate(n: int) -> None:
-            for _ in ours.generate_stream(prompt, n, temperature=1.0, top_k=40):
+            for _ in engine.stream(prompt, n, temperature=1.0, top_k=40):
                 pass
 
         def reference_generate(n: int) -> None:
@@ -152,15 +155,14 @@ def bench_decode(argv: list[str]) -> None:
 
         ref_ms = decode_ms_per_token(reference_generate, config.block_size - prompt_len)
         report("transformers fp32", ref_ms)
-        ours.to(torch.float32)
+        engine = Engine(ours.to(torch.float32))
         report("ours fp32", decode_ms_per_token(ours_generate, new_tokens))
-        ours.to(fast_dtype)
+        engine = Engine(ours.to(fast_dtype))
         name = f"ours {str(fast_dtype).removeprefix('torch.')}"
         report(name, decode_ms_per_token(ours_generate, new_tokens))
-        ours.compile_decode()
+        engine.compile()
         mode = "CUDA graphs" if device == "cuda" else "frozen weights"
         report(f"{name}, compiled ({mode})", decode_ms_per_token(ours_generate, new_tokens))
-        del ours.decode_step  # back to the eager step
     if device == "cpu":
         print("  target (CPU, batch 1): <= 20 ms/token")
 
@@ -168,7 +170,7 @@ def bench_decode(argv: list[str]) -> None:
 def bench_tokenize(argv: list[str]) -> None:
     """Tokenizing rate on a synthetic 7.65M-character novel (our users' corpus size), and all of prepare.py."""
     import tempfile
-    from prepare import count_characters, prepare
+    from dataset import count_characters, prepare
     from tokenizer import Tokenizer, common_characters
     rng = np.random.default_rng(0)
     hanzi = [c for c in common_characters() if "\u4e00" <= c <= "\u9fff"][:3000]
@@ -179,7 +181,7 @@ def bench_tokenize(argv: list[str]) -> None:
         body[rng.random(body.size) < rate] = char
     text = "".join(body.tolist())
     t0 = time.perf_counter()
-    tok = Tokenizer.build(count_characters([text]), 13317)
+    tok = Tokenizer.build(count_characters([text]), DEFAULT_VOCAB_SIZE)
     t_build = time.perf_counter() - t0
     t0 = time.perf_counter()
     ids = tok.encode(text)
@@ -203,28 +205,21 @@ def bench_train(argv: list[str]) -> None:
     """tokens/s, ms/iter, MFU and peak memory of train.py's step for a config, on random tokens."""
     from configurator import get_config
     config = get_config(train.DEFAULTS, argv, types=train.TYPES)
-    device = train.pick_device(config["device"])
-    device_type = "cuda" if device.startswith("cuda") else device
-    dtype = train.pick_dtype(config["dtype"], device_type)
-    torch.manual_seed(config["seed"])
-    model = GPT(GPTConfig(block_size=config["block_size"], vocab_size=13317, n_layer=config["n_layer"],
+    train.check_config(config)
+    rt = init_runtime(config["device"], config["dtype"], config["compile"], seed=config["seed"])
+    device, device_type = rt.device, rt.device_type
+    model = GPT(GPTConfig(block_size=config["block_size"], vocab_size=DEFAULT_VOCAB_SIZE, n_layer=config["n_layer"],
                           n_head=config["n_head"], n_embd=config["n_embd"], dropout=config["dropout"],
                           bias=config["bias"])).to(device)
-    optimizer = model.configure_optimizers(config["weight_decay"], config["learning_rate"],
-                                           (config["beta1"], config["beta2"]), device_type)
-    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
-    autocast = nullcontext() if dtype == "float32" else \
-        torch.autocast(device_type, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float16)
-    compiled = train.pick_compile(config["compile"], device_type)
-    step_model = torch.compile(model) if compiled else model
+    optimizer = train.make_optimizer(model, config, device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=rt.dtype == torch.float16)
+    step_model = torch.compile(model) if rt.compile else model
     batch, block, accumulation = config["batch_size"], config["block_size"], config["gradient_accumulation_steps"]
 
-    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
-        data = torch.randint(0, 13317, (batch, block + 1), device=device)
-        return data[:, :-1].contiguous(), data[:, 1:].contiguous()
-
     def step() -> None:
-        train.train_step(step_model, optimizer, scaler, next_batch, accumulation, autocast, config["grad_clip"])
+        data = torch.randint(0, DEFAULT_VOCAB_SIZE, (batch * accumulation, block + 1), device=device)
+        x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
+        train.train_step(step_model, optimizer, scaler, x, y, batch, rt, config["grad_clip"])
         if device_type == "cuda":
             torch.cuda.synchronize()
 
@@ -236,8 +231,8 @@ def bench_train(argv: list[str]) -> None:
     seconds = seconds_per_call(step, 1, 5)
     tokens_per_iter = batch * block * accumulation
     tokens_per_s = tokens_per_iter / seconds
-    line = (f"train: {model.get_num_params() / 1e6:.1f}M parameters on {device} {dtype}"
-            f"{' compiled' if compiled else ''}, batch {batch} x {block} x {accumulation} accumulation: "
+    line = (f"train: {model.get_num_params() / 1e6:.1f}M parameters on {device} {rt.dtype_name}"
+            f"{' compiled' if rt.compile else ''}, batch {batch} x {block} x {accumulation} accumulation: "
             f"{seconds * 1e3:.0f} ms/iter, {tokens_per_s:,.0f} tokens/s (first step {first_s:.1f} s)")
     if device_type == "cuda":
         peak = config["peak_flops"] or None
@@ -248,94 +243,20 @@ def bench_train(argv: list[str]) -> None:
           f"(GPT2-Chinese on our users' RTX 4060 Laptop: 45 minutes)")
 
 
-# ------------------------------------------------------------------ the bar to beat: a trigram model
-
-def trigram_loss(train_ids: np.ndarray, val_ids: np.ndarray, vocab_size: int, discount: float = 0.85) -> float:
-    """Validation loss (nats per token) of an interpolated Kneser-Ney character trigram model.
-
-    The discount 0.85 is the best of 0.75-0.99 on the default corpus (4.450 nats; 0.75 gives 4.467)."""
-    V = vocab_size
-    train_ids, val_ids = train_ids.astype(np.int64), val_ids.astype(np.int64)
-
-    def counts(keys: np.ndarray) -> dict:
-        values, freq = np.unique(keys, return_counts=True)
-        return dict(zip(values.tolist(), freq.tolist()))
-
-    trigram_keys = (train_ids[:-2] * V + train_ids[1:-1]) * V + train_ids[2:]
-    trigram = counts(trigram_keys)
-    context = counts(trigram_keys // V)  # c(a b .)
-    trigram_types = np.unique(trigram_keys)
-    followers = counts(trigram_types // V)  # distinct c after (a, b)
-    # Kneser-Ney: the lower orders count distinct left contexts, not occurrences.
-    bigram_cont = counts(trigram_types % (V * V))  # distinct a before (b, c)
-    middle_cont = counts(trigram_types // V % V)  # distinct (a, c) around b
-    middle_followers = counts(np.unique(trigram_types % (V * V)) // V)  # distinct c after b
-    bigram_types = np.unique(train_ids[:-1] * V + train_ids[1:])
-    unigram_cont = counts(bigram_types % V)  # distinct b before c
-    total = 0.0
-    for a, b, c in zip(val_ids[:-2].tolist(), val_ids[1:-1].tolist(), val_ids[2:].tolist()):
-        p = (unigram_cont.get(c, 0) + 0.5) / (len(bigram_types) + 0.5 * V)  # never zero
-        n = middle_cont.get(b, 0)
-        if n:
-            p = (max(bigram_cont.get(b * V + c, 0) - discount, 0) + discount * middle_followers[b] * p) / n
-        n = context.get(a * V + b, 0)
-        if n:
-            p = (max(trigram.get((a * V + b) * V + c, 0) - discount, 0) + discount * followers[a * V + b] * p) / n
-        total -= math.log(p)
-    return total / (len(val_ids) - 2)
-
-
-@torch.no_grad()
-def checkpoint_val_loss(path: str, val_ids: np.ndarray) -> float:
-    """A checkpoint's loss on the whole val split, each token predicted with at least half a block of context."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    model = GPT(GPTConfig(**checkpoint["model_args"])).eval()
-    model.load_state_dict(checkpoint["model"])
-    block = model.config.block_size
-    ids = torch.from_numpy(val_ids.astype(np.int64))
-    total, count = 0.0, 0
-    for start in range(0, len(ids) - 1, block // 2):
-        window = ids[start:start + block + 1]
-        if len(window) < 2:
-            break
-        x, y = window[:-1].clone(), window[1:].clone()
-        if start > 0:
-            y[:block // 2] = -1  # already scored by the previous window
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits, _ = model(x[None], y[None])
-        scored = y >= 0
-        total += torch.nn.functional.cross_entropy(logits[0].float()[scored], y[scored], reduction="sum").item()
-        count += int(scored.sum())
-    return total / count
-
-
-def bench_baseline(argv: list[str]) -> None:
-    """Val loss of a character trigram model on the default corpus, and of the checkpoints given."""
-    import json
-    import prepare
-    folder = Path("data") / prepare.DEFAULT_NAME
-    if not (folder / "meta.json").exists():
-        prepare.prepare()
-    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-    train_ids = np.fromfile(folder / "train.bin", dtype=meta["dtype"])
-    val_ids = np.fromfile(folder / "val.bin", dtype=meta["dtype"])
-    print(f"baseline: {folder} val split, {len(val_ids):,} tokens, nats per token (= per character)")
-    print(f"  character trigram (interpolated Kneser-Ney): {trigram_loss(train_ids, val_ids, meta['vocab_size']):.3f}")
-    for path in argv:
-        print(f"  {path}: {checkpoint_val_loss(path, val_ids):.3f}")
-
-
 SECTIONS: dict[str, Callable[[list[str]], None]] = {
     "tokenize": bench_tokenize,
     "train_step": bench_train_step,
     "decode": bench_decode,
     "train": bench_train,
-    "baseline": bench_baseline,
 }
 
 
 def main(argv: list[str]) -> int:
     """`python bench.py [section] [its arguments]`; no section: every section with its defaults."""
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        print(f"\nsections: {', '.join(SECTIONS)}")
+        return 0
     if argv and argv[0] not in SECTIONS:
         print(f"bench.py: unknown section {argv[0]}; choose from {', '.join(SECTIONS)}", file=sys.stderr)
         return 2

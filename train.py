@@ -11,22 +11,25 @@ resume), out_dir/metrics.jsonl and out_dir/loss.png.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from configurator import ConfigError, exit_with_error, get_config
+from checkpoint import checkpoint_state, read_checkpoint, model_from_checkpoint
+from configurator import UserError, exit_with_error, get_config
+from dataset import Dataset, open_dataset
+from files import FolderLock, atomic_torch_save, remove_stale_temps
+from hf import load_hf_gpt2
 from model import GPT, GPTConfig, peak_flops_for
-from tokenizer import Tokenizer
+from runtime import Runtime, init_runtime
 
 TYPES = dict(compile=bool)  # keys whose default None means auto
 DEFAULTS = dict(
@@ -35,6 +38,7 @@ DEFAULTS = dict(
     data_dir="data",
     out_dir="out",
     init_from="scratch",  # 'scratch', 'resume' (out_dir/last.pt) or a GPT2-Chinese / HF GPT-2 model folder
+    overwrite=False,  # True: a new run may replace the trained model already in out_dir
     # model (vocab_size comes from the dataset)
     n_layer=10,
     n_head=12,
@@ -71,82 +75,86 @@ DEFAULTS = dict(
     peak_flops=0.0,  # the GPU's dense bf16 peak FLOP/s for MFU; 0: look it up by GPU name
     seed=1337,
 )
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")  # fixed once a model exists
 
 
-def pick_device(name: str) -> str:
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+# ------------------------------------------------------------------ settings
+
+def check_config(config: dict) -> None:
+    """Every setting checked up front, so a mistake is one line before any work, not a traceback later."""
+    positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
+                "eval_interval", "eval_iters", "log_interval", "learning_rate")
+    for key in positive:
+        if config[key] <= 0:
+            raise UserError(f"--{key} must be above 0, got {config[key]}")
+    for key in ("max_iters", "warmup_iters", "min_lr", "weight_decay", "grad_clip", "peak_flops"):
+        if config[key] < 0:
+            raise UserError(f"--{key} must be 0 or more, got {config[key]}")
+    if config["max_iters"] == 0 and config["epochs"] <= 0:
+        raise UserError(f"--epochs must be above 0 (or set --max_iters), got {config['epochs']}")
+    if not 0 <= config["dropout"] < 1:
+        raise UserError(f"--dropout must be in [0, 1), got {config['dropout']}")
+    for key in ("beta1", "beta2"):
+        if not 0 <= config[key] < 1:
+            raise UserError(f"--{key} must be in [0, 1), got {config[key]}")
+    if config["n_embd"] % config["n_head"]:
+        raise UserError(f"--n_embd {config['n_embd']} must be a multiple of --n_head {config['n_head']}")
+    for key in ("dataset", "out_dir", "data_dir"):
+        if not config[key]:
+            raise UserError(f"--{key} must not be empty")
 
 
-def cpu_has_bf16() -> bool:
-    """True where the CPU computes bf16 natively (AVX512-BF16 or AMX), so autocast pays off."""
+# ------------------------------------------------------------------ the model and its optimizer
+
+def new_model(config: dict, dataset: Dataset) -> GPT:
+    """A model to train from scratch, or the GPT2-Chinese / Hugging Face folder config['init_from']."""
+    if config["init_from"] == "scratch":
+        return GPT(GPTConfig(block_size=config["block_size"], vocab_size=dataset.tokenizer.vocab_size,
+                             n_layer=config["n_layer"], n_head=config["n_head"], n_embd=config["n_embd"],
+                             dropout=config["dropout"], bias=config["bias"]))
     try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        model = load_hf_gpt2(config["init_from"], dropout=config["dropout"])
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot fine-tune from {config['init_from']}: {e}") from None
+    if model.config.vocab_size != dataset.tokenizer.vocab_size:
+        raise UserError(f"{config['init_from']} has {model.config.vocab_size} tokens but dataset {dataset.folder} "
+                        f"has {dataset.tokenizer.vocab_size}; prepare it with --vocab <the model's vocab.txt>")
+    if config["block_size"] > model.config.block_size:
+        raise UserError(f"block_size {config['block_size']} is longer than the model's "
+                        f"{model.config.block_size} positions; use --block_size={model.config.block_size}")
+    return model
 
 
-def pick_dtype(name: str, device_type: str) -> str:
-    if name != "auto":
-        return name
-    if device_type == "cuda":
-        # bf16 from compute capability 8.0 (Ampere) on; older GPUs get fp16 with a gradient scaler.
-        return "bfloat16" if torch.cuda.get_device_capability()[0] >= 8 else "float16"
-    if device_type == "cpu" and cpu_has_bf16():
-        return "bfloat16"
-    return "float32"
+def resumed_model(config: dict, dataset: Dataset) -> tuple[GPT, dict]:
+    """The model of out_dir/last.pt and the checkpoint itself, checked against the settings and the data."""
+    path = Path(config["out_dir"]) / "last.pt"
+    if not path.exists():
+        raise UserError(f"nothing to resume: {path} does not exist; train with --init_from=scratch first")
+    checkpoint = read_checkpoint(path)
+    if "optimizer" not in checkpoint:
+        raise UserError(f"{path} holds weights only, not a training state; it cannot be resumed")
+    model, tok = model_from_checkpoint(checkpoint, path)
+    if tok.itos != dataset.tokenizer.itos:
+        raise UserError(f"{path} was trained on another vocabulary than {dataset.folder}; use its dataset")
+    if checkpoint.get("dataset_fingerprint", dataset.fingerprint()) != dataset.fingerprint():
+        raise UserError(f"{dataset.folder} was prepared again since {path} was written; resume needs the same "
+                        "data (prepare it as before, or start a new run with --overwrite=True)")
+    changed = [f"--{k}={config[k]} (the model has {checkpoint['model_args'][k]})" for k in SHAPE_KEYS
+               if config[k] != checkpoint["model_args"][k]]
+    if changed:
+        raise UserError(f"resume keeps the model's shape, but {', '.join(changed)}; use the settings it was "
+                        "trained with (the same config file), or a new --out_dir")
+    return model, checkpoint
 
 
-def pick_compile(setting: bool | None, device_type: str) -> bool:
-    if setting is False or (setting is None and not (device_type == "cuda" and sys.platform == "linux")):
-        return False
-    try:
-        import triton  # noqa: F401  (torch.compile's GPU code generator)
-    except ImportError:
-        if device_type == "cuda":
-            print("torch.compile is off: Triton is not installed (as on Windows); training runs without it")
-            return False
-    return True
-
-
-def load_dataset(config: dict, master: bool) -> tuple[dict, Path]:
-    """meta.json of the dataset; the default corpus is prepared first if it is missing."""
-    folder = Path(config["data_dir"]) / config["dataset"]
-    if not (folder / "meta.json").exists():
-        import prepare
-        if config["dataset"] != prepare.DEFAULT_NAME:
-            raise ConfigError(f"no dataset at {folder}; make it with: python prepare.py yourfile.txt "
-                              f"--name {config['dataset']}")
-        if master:
-            print(f"{folder} is missing: preparing the default corpus first")
-            prepare.prepare(data_dir=config["data_dir"])
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
-    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-    for split in ("train", "val"):
-        if meta[f"{split}_tokens"] <= config["block_size"]:
-            raise ConfigError(f"{folder}/{split}.bin has {meta[f'{split}_tokens']} tokens, fewer than one block of "
-                              f"{config['block_size'] + 1}; use a smaller --block_size or a longer text")
-    return meta, folder
-
-
-def get_batch(folder: Path, split: str, dtype: str, batch_size: int, block_size: int,
-              generator: torch.Generator, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random blocks of `split` as (inputs, targets shifted by one)."""
-    # A fresh memmap per batch: keeping one open makes its pages count as the process's memory.
-    data = np.memmap(folder / f"{split}.bin", dtype=dtype, mode="r")
-    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
-    blocks = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in starts]).astype(np.int64))
-    x, y = blocks[:, :-1].contiguous(), blocks[:, 1:].contiguous()
-    if device.startswith("cuda"):
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+def make_optimizer(model: GPT, config: dict, device_type: str) -> torch.optim.Optimizer:
+    """AdamW decaying the matrices and embeddings only (not biases, not LayerNorm); fused where possible."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config["weight_decay"]},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = device_type in ("cuda", "cpu")  # one kernel for all parameters instead of a loop of ops
+    return torch.optim.AdamW(groups, lr=config["learning_rate"], betas=(config["beta1"], config["beta2"]),
+                             fused=fused or None)
 
 
 def lr_at(it: int, config: dict, max_iters: int) -> float:
@@ -159,8 +167,34 @@ def lr_at(it: int, config: dict, max_iters: int) -> float:
     return config["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config["learning_rate"] - config["min_lr"])
 
 
+# ------------------------------------------------------------------ one step, one evaluation
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               x: torch.Tensor, y: torch.Tensor, micro_batch: int, rt: Runtime, grad_clip: float) -> torch.Tensor:
+    """One optimizer step over this process's rows x, y (B, T), in micro-batches of micro_batch rows;
+    returns their mean loss (on the device, no host sync)."""
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    starts = range(0, x.size(0), micro_batch)
+    total = torch.zeros((), device=x.device)
+    for k, start in enumerate(starts):
+        rows = slice(start, start + micro_batch)
+        # Under DDP, gradients are averaged across ranks only in the last micro-step's backward.
+        with model.no_sync() if ddp and k < len(starts) - 1 else nullcontext():
+            with rt.autocast():
+                _, loss = model(x[rows], y[rows])
+            scaler.scale(loss / len(starts)).backward()
+        total += loss.detach().float()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return total / len(starts)
+
+
 @torch.no_grad()
-def estimate_loss(model: GPT, folder: Path, meta: dict, config: dict, device: str, autocast) -> dict:
+def estimate_loss(model: GPT, dataset: Dataset, config: dict, rt: Runtime) -> dict[str, float]:
     """Mean loss over eval_iters batches per split; the same batches every time, so evals compare."""
     model.eval()
     losses = {}
@@ -168,8 +202,8 @@ def estimate_loss(model: GPT, folder: Path, meta: dict, config: dict, device: st
         generator = torch.Generator().manual_seed(config["seed"])
         total = 0.0
         for _ in range(config["eval_iters"]):
-            x, y = get_batch(folder, split, meta["dtype"], config["batch_size"], config["block_size"], generator, device)
-            with autocast:
+            x, y = dataset.get_batch(split, config["batch_size"], config["block_size"], generator, rt.device)
+            with rt.autocast():
                 _, loss = model(x, y)
             total += loss.item()
         losses[split] = total / config["eval_iters"]
@@ -177,62 +211,38 @@ def estimate_loss(model: GPT, folder: Path, meta: dict, config: dict, device: st
     return losses
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               next_batch, accumulation: int, autocast, grad_clip: float) -> torch.Tensor:
-    """One optimizer step over `accumulation` micro-batches; returns their mean loss (on the device)."""
-    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-    total = 0.0
-    for micro_step in range(accumulation):
-        x, y = next_batch()
-        # Under DDP, gradients are averaged across ranks only in the last micro-step's backward.
-        sync = model.no_sync() if ddp and micro_step < accumulation - 1 else nullcontext()
-        with sync:
-            with autocast:
-                _, loss = model(x, y)
-            scaler.scale(loss / accumulation).backward()
-        total = total + loss.detach().float()
-    if grad_clip > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return total / accumulation
+# ------------------------------------------------------------------ logging and stopping
 
+class MetricsLog:
+    """metrics.jsonl (and wandb when asked); on ranks other than 0 every call does nothing."""
 
-def save_checkpoint(checkpoint: dict, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a crash mid-write keeps the previous file."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    def __init__(self, out_dir: Path, config: dict, rt: Runtime, fresh: bool):
+        self.path = out_dir / "metrics.jsonl" if rt.master else None
+        self.run = None
+        if self.path and fresh:
+            self.path.unlink(missing_ok=True)  # a new run's curves must not mix with an old one's
+        if self.path and config["wandb_log"]:
+            import wandb
+            mode = wandb_mode()
+            self.run = wandb.init(project=config["wandb_project"], name=config["wandb_run_name"] or
+                                  f"{config['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}", config=config,
+                                  mode=mode, dir=str(out_dir))
+            if mode == "offline":
+                print(f"wandb: no login found, logging offline; upload later with: "
+                      f"wandb sync {self.run.dir.rsplit('/files', 1)[0]}")
 
+    def log(self, record: dict) -> None:
+        if self.path:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.run is not None:
+            self.run.log(record, step=record["iter"])
 
-def append_metrics(out_dir: Path, record: dict) -> None:
-    with open(out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def plot_losses(out_dir: Path) -> None:
-    """loss.png: train and val loss against tokens seen, from metrics.jsonl."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for key, label in (("loss", "train (batch)"), ("val_loss", "val")):
-        points = [(r["tokens"], r[key]) for r in records if key in r]
-        if points:
-            ax.plot(*zip(*points), label=label, marker="o" if key == "val_loss" else None)
-    ax.set_xlabel("tokens seen")
-    ax.set_ylabel("loss (nats per token)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.savefig(out_dir / "loss.tmp.png", dpi=100)
-    plt.close(fig)
-    os.replace(out_dir / "loss.tmp.png", out_dir / "loss.png")
+    def close(self) -> None:
+        if self.path and self.path.exists():
+            plot_losses(self.path)
+        if self.run is not None:
+            self.run.finish()
 
 
 def wandb_mode() -> str:
@@ -248,223 +258,271 @@ def wandb_mode() -> str:
         return "offline"
 
 
-def train(config: dict) -> dict:
-    """Run training as `config` says; returns the final iteration and losses."""
-    # ---- processes and device -------------------------------------------------------------
-    ddp = int(os.environ.get("RANK", -1)) != -1  # started by torchrun
-    if ddp:
-        rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() and config["device"] in ("auto", "cuda") \
-            else pick_device(config["device"])
-        if device.startswith("cuda"):
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-        if config["gradient_accumulation_steps"] % world_size:
-            raise ConfigError(f"gradient_accumulation_steps {config['gradient_accumulation_steps']} must be "
-                              f"divisible by the {world_size} processes")
-    else:
-        rank, local_rank, world_size, device = 0, 0, 1, pick_device(config["device"])
-    master = rank == 0
-    accumulation = config["gradient_accumulation_steps"] // world_size
-    device_type = "cuda" if device.startswith("cuda") else device
-    dtype = pick_dtype(config["dtype"], device_type)
-    torch.manual_seed(config["seed"] + rank)
-    if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    autocast = nullcontext() if dtype == "float32" else \
-        torch.autocast(device_type=device_type, dtype={"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype])
+def plot_losses(metrics_path: Path) -> None:
+    """loss.png beside metrics.jsonl: train and val loss against tokens seen."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    records = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines()]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for key, label in (("loss", "train (batch)"), ("val_loss", "val")):
+        points = [(r["tokens"], r[key]) for r in records if key in r]
+        if points:
+            ax.plot(*zip(*points), label=label, marker="o" if key == "val_loss" else None)
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("loss (nats per token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    tmp = metrics_path.with_name(f".loss.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, metrics_path.with_name("loss.png"))
 
-    # ---- data -------------------------------------------------------------------------------
-    meta, folder = load_dataset(config, master)
-    tokenizer = Tokenizer.from_meta(meta)
-    tokens_per_iter = config["batch_size"] * config["block_size"] * accumulation * world_size
-    max_iters = config["max_iters"] or math.ceil(config["epochs"] * meta["train_tokens"] / tokens_per_iter)
 
-    # ---- model and optimizer ------------------------------------------------------------------
-    out_dir = Path(config["out_dir"])
-    checkpoint = None
-    iter_num, best_val_loss = 0, float("inf")
-    if config["init_from"] == "resume":
-        path = out_dir / "last.pt"
-        if not path.exists():
-            raise ConfigError(f"nothing to resume: {path} does not exist; train with --init_from=scratch first")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        model = GPT(GPTConfig(**checkpoint["model_args"]))
-        model.load_state_dict(checkpoint["model"])
-        iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-        if checkpoint["vocab"]["itos"] != tokenizer.itos:
-            raise ConfigError(f"{path} was trained on another vocabulary than {folder}; use its dataset")
-    elif config["init_from"] == "scratch":
-        model = GPT(GPTConfig(block_size=config["block_size"], vocab_size=tokenizer.vocab_size,
-                              n_layer=config["n_layer"], n_head=config["n_head"], n_embd=config["n_embd"],
-                              dropout=config["dropout"], bias=config["bias"]))
-    else:
-        try:
-            model = GPT.from_hf_gpt2(config["init_from"])
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"cannot fine-tune from {config['init_from']}: {e}") from None
-        if model.config.vocab_size != tokenizer.vocab_size:
-            raise ConfigError(f"{config['init_from']} has {model.config.vocab_size} tokens but dataset {folder} has "
-                              f"{tokenizer.vocab_size}; prepare it with --vocab <the model's vocab.txt>")
-        if config["block_size"] > model.config.block_size:
-            raise ConfigError(f"block_size {config['block_size']} is longer than the model's "
-                              f"{model.config.block_size} positions; use --block_size={model.config.block_size}")
-    model_args = dataclasses.asdict(model.config)
-    model.to(device)
-    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
-    optimizer = model.configure_optimizers(config["weight_decay"], config["learning_rate"],
-                                           (config["beta1"], config["beta2"]), device_type)
-    batch_generator = torch.Generator().manual_seed(config["seed"])  # shared by all ranks: each takes its rows
-    if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        batch_generator.set_state(checkpoint["rng"]["batch"])
-        if master:  # the other ranks' dropout streams are not saved; only rank 0's is restored
-            torch.set_rng_state(checkpoint["rng"]["torch"])
-            if device_type == "cuda" and "cuda" in checkpoint["rng"]:
-                torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
-        checkpoint = None  # free the memory
-    raw_model = model
-    if pick_compile(config["compile"], device_type):
-        if master:
-            print("compiling the model with torch.compile (takes a minute) ...")
-        model = torch.compile(model)
-    if ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
+class StopRequest:
+    """Ctrl-C / SIGTERM: finish the step, save, exit cleanly. A second Ctrl-C stops at once."""
 
-    # ---- logging ------------------------------------------------------------------------------
-    if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        print(f"{raw_model.get_num_params() / 1e6:.1f}M parameters, {device} {dtype}, {world_size} process(es); "
-              f"{tokens_per_iter:,} tokens per iteration, {max_iters:,} iterations = "
-              f"{max_iters * tokens_per_iter / meta['train_tokens']:.2f} epochs of {meta['train_tokens']:,} tokens")
-    run = None
-    if master and config["wandb_log"]:
-        import wandb
-        mode = wandb_mode()
-        run = wandb.init(project=config["wandb_project"], name=config["wandb_run_name"] or
-                         f"{config['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}", config=config, mode=mode,
-                         dir=str(out_dir))
-        if mode == "offline":
-            print(f"wandb: no login found, logging offline; upload later with: wandb sync {run.dir.rsplit('/files', 1)[0]}")
-    peak_flops = config["peak_flops"] or (peak_flops_for(torch.cuda.get_device_name(device))
-                                          if device_type == "cuda" else None)
+    def __init__(self, master: bool):
+        self.requested, self.master = False, master
+        self.old = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
-    def log(record: dict) -> None:
-        append_metrics(out_dir, record)
-        if run is not None:
-            run.log(record, step=record["iter"])
-
-    def make_checkpoint(full: bool) -> dict:
-        state = {"model": raw_model.state_dict(), "model_args": model_args, "vocab": tokenizer.to_meta(),
-                 "config": config, "iter_num": iter_num, "best_val_loss": best_val_loss}
-        if full:  # what resume needs on top of the weights
-            rng = {"torch": torch.get_rng_state(), "batch": batch_generator.get_state()}
-            if device_type == "cuda":
-                rng["cuda"] = torch.cuda.get_rng_state(device)
-            state.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=rng)
-        return state
-
-    # Ctrl-C / SIGTERM: finish the step, save, exit cleanly. A second Ctrl-C stops at once.
-    stop = {"requested": False}
-
-    def request_stop(signum, frame):
-        if stop["requested"]:
+    def handle(self, signum, frame) -> None:
+        if self.requested:
             raise KeyboardInterrupt
-        stop["requested"] = True
-        if master:
+        self.requested = True
+        if self.master:
             print(f"\n{signal.Signals(signum).name}: finishing this step, then saving (Ctrl-C again to quit now)")
 
-    old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    def agreed(self, rt: Runtime) -> bool:
+        """Whether to stop now; under torchrun every rank must agree, so the flag is reduced across them."""
+        if rt.ddp:
+            flag = torch.tensor(float(self.requested), device=rt.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            self.requested = bool(flag.item())
+        return self.requested
 
-    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's rows of the next micro-batch (all ranks draw the same offsets, each takes its own)."""
-        x, y = get_batch(folder, "train", meta["dtype"], config["batch_size"] * world_size, config["block_size"],
-                         batch_generator, device)
-        rows = slice(rank * config["batch_size"], (rank + 1) * config["batch_size"])
-        return x[rows], y[rows]
-
-    # ---- the loop -------------------------------------------------------------------------------
-    last_losses: dict = {}
-    t0, timed_iters, loss_iters = time.time(), 0, 0
-    loss_sum = torch.zeros((), device=device)
-    try:
-        while True:
-            if iter_num % config["eval_interval"] == 0 or iter_num >= max_iters:
-                last_losses = estimate_loss(raw_model, folder, meta, config, device, autocast)
-                if not all(map(math.isfinite, last_losses.values())):
-                    raise FloatingPointError(f"the loss became {last_losses['train']} at iteration {iter_num}")
-                if master:
-                    val = last_losses["val"]
-                    print(f"iter {iter_num}: train loss {last_losses['train']:.4f}, val loss {val:.4f} "
-                          f"({val / math.log(2):.3f} bits/char, perplexity {math.exp(val):.1f})")
-                    log({"iter": iter_num, "tokens": iter_num * tokens_per_iter, "train_loss": last_losses["train"],
-                         "val_loss": val, "val_bits_per_char": val / math.log(2), "val_perplexity": math.exp(val)})
-                    if val < best_val_loss:
-                        best_val_loss = val
-                        save_checkpoint(make_checkpoint(full=False), out_dir / "ckpt.pt")
-                    save_checkpoint(make_checkpoint(full=True), out_dir / "last.pt")
-                t0, timed_iters = time.time(), 0  # evaluation time is not training speed
-            if iter_num >= max_iters:
-                break
-
-            lr = lr_at(iter_num, config, max_iters)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum += train_step(model, optimizer, scaler, next_batch, accumulation, autocast, config["grad_clip"])
-            iter_num += 1
-            timed_iters += 1
-            loss_iters += 1
-
-            if iter_num % config["log_interval"] == 0 and master:
-                loss_value = loss_sum.item() / loss_iters
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(f"the training loss became {loss_value} at iteration {iter_num}")
-                elapsed = time.time() - t0
-                ms_per_iter = 1000 * elapsed / timed_iters
-                record = {"iter": iter_num, "epoch": iter_num * tokens_per_iter / meta["train_tokens"],
-                          "tokens": iter_num * tokens_per_iter, "loss": loss_value, "lr": lr,
-                          "ms_per_iter": ms_per_iter, "tokens_per_s": tokens_per_iter * timed_iters / elapsed}
-                line = (f"iter {iter_num}/{max_iters} (epoch {record['epoch']:.2f}): loss {loss_value:.4f}, "
-                        f"lr {lr:.2e}, {ms_per_iter:.0f} ms/iter, {record['tokens_per_s']:,.0f} tokens/s")
-                if device_type == "cuda":
-                    if peak_flops:
-                        fwdbwd = config["batch_size"] * accumulation * timed_iters
-                        record["mfu"] = raw_model.estimate_mfu(fwdbwd, elapsed, peak_flops)
-                        line += f", MFU {100 * record['mfu']:.1f}%"
-                    record["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                    line += f", peak memory {record['peak_memory_gb']:.2f} GB"
-                print(line)
-                log(record)
-            if iter_num % config["log_interval"] == 0:
-                loss_sum.zero_()
-                t0, timed_iters, loss_iters = time.time(), 0, 0
-
-            if ddp:  # every rank must stop at the same step
-                flag = torch.tensor(float(stop["requested"]), device=device)
-                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-                stop["requested"] = bool(flag.item())
-            if stop["requested"]:
-                if master:
-                    save_checkpoint(make_checkpoint(full=True), out_dir / "last.pt")
-                    print(f"saved {out_dir / 'last.pt'} at iteration {iter_num}; resume with:\n"
-                          f"  python {' '.join(sys.argv)} --init_from=resume")
-                break
-        if ddp:
-            check_ranks_in_sync(raw_model, master)
-    finally:
-        for s, handler in old_handlers.items():
+    def restore(self) -> None:
+        for s, handler in self.old.items():
             signal.signal(s, handler)
-        if master and (out_dir / "metrics.jsonl").exists():
-            plot_losses(out_dir)
-        if run is not None:
-            run.finish()
-        if ddp:
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(0.0, seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# ------------------------------------------------------------------ a run: setup, checkpoints, progress
+
+@dataclass
+class Run:
+    """Everything one training run holds; the loop in train() reads and advances it."""
+    config: dict
+    rt: Runtime
+    dataset: Dataset
+    out_dir: Path
+    raw_model: GPT  # the plain module: what checkpoints save and evaluation runs
+    model: torch.nn.Module  # what the step runs: compiled and/or wrapped by DDP
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    batch_generator: torch.Generator  # the data order; the same on every rank, each takes its own rows
+    log: MetricsLog
+    max_iters: int
+    tokens_per_iter: int
+    fingerprint: str  # the dataset as it was when the run began
+    iter_num: int = 0
+    best_val_loss: float = math.inf
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's rows of the next optimizer step: (batch_size * accumulation, block_size) each."""
+        rows = self.config["batch_size"] * self.config["gradient_accumulation_steps"] // self.rt.world_size
+        x, y = self.dataset.get_batch("train", rows * self.rt.world_size, self.config["block_size"],
+                                      self.batch_generator, self.rt.device)
+        mine = slice(self.rt.rank * rows, (self.rt.rank + 1) * rows)
+        return x[mine], y[mine]
+
+    def state(self, full: bool) -> dict:
+        """ckpt.pt's contents; with full, what resume needs on top: optimizer, scaler and RNG states."""
+        state = checkpoint_state(self.raw_model, self.dataset.tokenizer, self.config, self.iter_num,
+                                 self.best_val_loss)
+        state["dataset_fingerprint"] = self.fingerprint
+        if full:
+            rng = {"torch": torch.get_rng_state(), "batch": self.batch_generator.get_state()}
+            if self.rt.device_type == "cuda":
+                rng["cuda"] = torch.cuda.get_rng_state(self.rt.device)
+            state.update(optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), rng=rng)
+        return state
+
+    def restore(self, checkpoint: dict) -> None:
+        """Go on exactly where last.pt stopped."""
+        self.iter_num, self.best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        self.batch_generator.set_state(checkpoint["rng"]["batch"])
+        if self.rt.master:  # the other ranks' dropout streams are not saved; only rank 0's is restored
+            torch.set_rng_state(checkpoint["rng"]["torch"])
+            if self.rt.device_type == "cuda" and "cuda" in checkpoint["rng"]:
+                torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
+
+
+def claim_out_dir(config: dict, rt: Runtime, stack: ExitStack) -> Path:
+    """Create and lock out_dir; refuse to start over a trained model unless asked to."""
+    out_dir = Path(config["out_dir"])
+    if not rt.master:
+        return out_dir
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --out_dir {out_dir}: {e.strerror or e}") from None
+    if not out_dir.is_dir():
+        raise UserError(f"--out_dir {out_dir} is not a folder")
+    stack.enter_context(FolderLock(out_dir, "training"))
+    remove_stale_temps(out_dir)  # temporary files of runs that were killed mid-save
+    trained = [name for name in ("ckpt.pt", "last.pt") if (out_dir / name).exists()]
+    if trained and config["init_from"] != "resume" and not config["overwrite"]:
+        raise UserError(f"{out_dir} already holds a trained model ({', '.join(trained)}); continue it with "
+                        f"--init_from=resume, or start again with --overwrite=True (replaces it) or a new --out_dir")
+    return out_dir
+
+
+def setup_run(config: dict, rt: Runtime, stack: ExitStack) -> Run:
+    """Data, model, optimizer, logging: everything before the first step."""
+    out_dir = claim_out_dir(config, rt, stack)
+    if rt.ddp and not rt.master:
+        torch.distributed.barrier()  # rank 0 prepares the default corpus if it is missing
+    dataset = open_dataset(config["data_dir"], config["dataset"], config["block_size"])
+    if rt.ddp and rt.master:
+        torch.distributed.barrier()
+    if rt.master:
+        stack.enter_context(FolderLock(dataset.folder, "training", shared=True))
+    if (config["batch_size"] * config["gradient_accumulation_steps"]) % rt.world_size:
+        raise UserError(f"batch_size x gradient_accumulation_steps must be divisible by the {rt.world_size} processes")
+    checkpoint = None
+    if config["init_from"] == "resume":
+        model, checkpoint = resumed_model(config, dataset)
+    else:
+        model = new_model(config, dataset)
+    model.to(rt.device)
+    step_model = torch.compile(model) if rt.compile else model
+    if rt.ddp:
+        step_model = torch.nn.parallel.DistributedDataParallel(
+            step_model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+    tokens_per_iter = config["batch_size"] * config["gradient_accumulation_steps"] * config["block_size"]
+    max_iters = config["max_iters"] or math.ceil(config["epochs"] * dataset.meta["train_tokens"] / tokens_per_iter)
+    run = Run(config, rt, dataset, out_dir, model, step_model, make_optimizer(model, config, rt.device_type),
+              torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16),
+              torch.Generator().manual_seed(config["seed"]), MetricsLog(out_dir, config, rt, fresh=checkpoint is None),
+              max_iters, tokens_per_iter, dataset.fingerprint())
+    stack.callback(run.log.close)
+    if checkpoint is not None:
+        run.restore(checkpoint)
+    if rt.master:
+        print(f"{model.get_num_params() / 1e6:.1f}M parameters, {rt.device} {rt.dtype_name}"
+              f"{', compiled' if rt.compile else ''}, {rt.world_size} process(es); {tokens_per_iter:,} tokens per "
+              f"iteration, {max_iters:,} iterations = {max_iters * tokens_per_iter / dataset.meta['train_tokens']:.2f} "
+              f"epochs of {dataset.meta['train_tokens']:,} tokens")
+    return run
+
+
+def save(run: Run, name: str, full: bool) -> None:
+    if run.rt.master:
+        atomic_torch_save(run.state(full), run.out_dir / name)
+
+
+def evaluate_and_save(run: Run) -> dict[str, float]:
+    """Estimate the losses, log them, keep the best checkpoint and the latest training state."""
+    if run.dataset.fingerprint() != run.fingerprint:
+        raise UserError(f"{run.dataset.folder} was prepared again during training; stopped (the last good "
+                        "checkpoint is kept). Prepare new data under another --name while a run uses it")
+    losses = estimate_loss(run.raw_model, run.dataset, run.config, run.rt)
+    if not all(map(math.isfinite, losses.values())):
+        raise FloatingPointError(f"the loss became {losses['train']} at iteration {run.iter_num}")
+    val = losses["val"]
+    if run.rt.master:
+        print(f"iter {run.iter_num}: train loss {losses['train']:.4f}, val loss {val:.4f} "
+              f"({val / math.log(2):.3f} bits/char, perplexity {math.exp(val):.1f})")
+        run.log.log({"iter": run.iter_num, "tokens": run.iter_num * run.tokens_per_iter,
+                     "train_loss": losses["train"], "val_loss": val, "val_bits_per_char": val / math.log(2),
+                     "val_perplexity": math.exp(val)})
+    if val < run.best_val_loss:
+        run.best_val_loss = val
+        save(run, "ckpt.pt", full=False)
+    save(run, "last.pt", full=True)
+    return losses
+
+
+def log_progress(run: Run, loss: float, lr: float, timed_iters: int, elapsed: float) -> None:
+    """One line per log_interval: loss, speed and time left (for the run and to the next evaluation)."""
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"the training loss became {loss} at iteration {run.iter_num}")
+    config, it = run.config, run.iter_num
+    seconds_per_iter = elapsed / timed_iters
+    to_eval = config["eval_interval"] - it % config["eval_interval"]
+    record = {"iter": it, "epoch": it * run.tokens_per_iter / run.dataset.meta["train_tokens"],
+              "tokens": it * run.tokens_per_iter, "loss": loss, "lr": lr, "ms_per_iter": 1000 * seconds_per_iter,
+              "tokens_per_s": run.tokens_per_iter / seconds_per_iter}
+    line = (f"iter {it}/{run.max_iters} (epoch {record['epoch']:.2f}): loss {loss:.4f}, lr {lr:.2e}, "
+            f"{record['ms_per_iter']:.0f} ms/iter, {record['tokens_per_s']:,.0f} tokens/s")
+    if run.rt.device_type == "cuda":
+        peak = config["peak_flops"] or peak_flops_for(torch.cuda.get_device_name(run.rt.device))
+        if peak:
+            record["mfu"] = run.raw_model.estimate_mfu(config["batch_size"] * config["gradient_accumulation_steps"]
+                                                       // run.rt.world_size, seconds_per_iter, peak)
+            line += f", MFU {100 * record['mfu']:.1f}%"
+        record["peak_memory_gb"] = torch.cuda.max_memory_allocated(run.rt.device) / 2**30
+        line += f", peak memory {record['peak_memory_gb']:.2f} GB"
+    line += (f"; left {format_duration((run.max_iters - it) * seconds_per_iter)}, "
+             f"next eval in {format_duration(min(to_eval, run.max_iters - it) * seconds_per_iter)}")
+    print(line)
+    run.log.log(record)
+
+
+def train(config: dict) -> dict:
+    """Run training as `config` says; returns the final iteration and losses."""
+    check_config(config)
+    rt = init_runtime(config["device"], config["dtype"], config["compile"], seed=config["seed"])
+    losses, stopped = {}, False
+    try:
+        with ExitStack() as stack:
+            run = setup_run(config, rt, stack)
+            stop = StopRequest(rt.master)
+            stack.callback(stop.restore)
+            micro_batch = config["batch_size"]
+            loss_sum, t0, timed_iters = torch.zeros((), device=rt.device), time.time(), 0
+            while True:
+                if run.iter_num % config["eval_interval"] == 0 or run.iter_num >= run.max_iters:
+                    losses = evaluate_and_save(run)
+                    t0, timed_iters = time.time(), 0  # evaluation time is not training speed
+                if run.iter_num >= run.max_iters:
+                    break
+                lr = lr_at(run.iter_num, config, run.max_iters)
+                for group in run.optimizer.param_groups:
+                    group["lr"] = lr
+                x, y = run.next_batch()
+                loss_sum += train_step(run.model, run.optimizer, run.scaler, x, y, micro_batch, rt,
+                                       config["grad_clip"])
+                run.iter_num += 1
+                timed_iters += 1
+                at_log = run.iter_num % config["log_interval"] == 0
+                if at_log:
+                    if rt.master:
+                        log_progress(run, loss_sum.item() / timed_iters, lr, timed_iters, time.time() - t0)
+                    loss_sum.zero_()
+                    t0, timed_iters = time.time(), 0
+                # under torchrun the ranks agree on stopping at log intervals only: it costs a sync
+                if (at_log or not rt.ddp) and stop.agreed(rt):
+                    save(run, "last.pt", full=True)
+                    if rt.master:
+                        print(f"saved {run.out_dir / 'last.pt'} at iteration {run.iter_num}; resume with:\n"
+                              f"  python {' '.join(sys.argv)} --init_from=resume")
+                    stopped = True
+                    break
+            if rt.ddp:
+                check_ranks_in_sync(run.raw_model, rt.master)
+    finally:
+        if rt.ddp:
             torch.distributed.destroy_process_group()
-    return {"iter_num": iter_num, "max_iters": max_iters, "best_val_loss": best_val_loss,
-            "train_loss": last_losses.get("train"), "val_loss": last_losses.get("val"),
-            "stopped": stop["requested"]}
+    return {"iter_num": run.iter_num, "max_iters": run.max_iters, "best_val_loss": run.best_val_loss,
+            "train_loss": losses.get("train"), "val_loss": losses.get("val"), "stopped": stopped}
 
 
 def check_ranks_in_sync(model: GPT, master: bool) -> None:
@@ -481,9 +539,8 @@ def check_ranks_in_sync(model: GPT, master: bool) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        config = get_config(DEFAULTS, argv, types=TYPES)
-        result = train(config)
-    except ConfigError as e:
+        result = train(get_config(DEFAULTS, argv, types=TYPES))
+    except UserError as e:
         exit_with_error(e)
     except FloatingPointError as e:
         exit_with_error(f"{e}; training stopped, the last good checkpoint is kept. "

@@ -14,8 +14,12 @@ import pytest
 import torch
 
 import sample as sample_py
-from model import GPT, GPTConfig, save_hf_gpt2
-from sample import format_samples, load_model, pick_dtype, sample, sample_header, save_samples
+from checkpoint import load_model
+from engine import Engine, SamplingSettings
+from hf import save_hf_gpt2
+from model import GPT, GPTConfig
+from runtime import pick_dtype
+from sample import format_samples, sample, sample_header, save_samples
 from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +83,12 @@ def setup(tmp_path_factory):
 
 
 def load(setup, name="out"):
-    return load_model(str(setup / name), device="cpu", dtype=pick_dtype("auto", "cpu"))
+    model, tok = load_model(str(setup / name), device="cpu", dtype=pick_dtype("auto", "cpu"))
+    return Engine(model), tok
+
+
+def generate(engine, tok, prompt, on_text=None, **settings):
+    return sample(engine, tok, prompt, SamplingSettings(**settings), on_text=on_text)
 
 
 def run_cli(args, cwd):
@@ -107,7 +116,7 @@ def test_cli_both_override_forms_batch_and_saved_file(setup):
 
     # the same seed in this process gives the same three samples, and the terminal showed exactly them
     model, tok = load(setup)
-    texts = sample(model, tok, PROMPT, num_samples=3, max_new_tokens=40, seed=7).texts
+    texts = generate(model, tok, PROMPT, num_samples=3, max_new_tokens=40, seed=7).texts
     assert result.stdout == expected_stdout(texts)
     assert len(set(texts)) == 3 and all(t.startswith(PROMPT) and len(t) > len(PROMPT) + 30 for t in texts)
 
@@ -138,7 +147,7 @@ def test_gpt2_chinese_command_from_users_readme(setup):
         assert "no GPU 1 here" in result.stderr
         # the folder holds out/'s weights, so with the printed seed this process writes the same text
         model, tok = load(setup)
-        texts = sample(model, tok, "[CLS]" + PROMPT, max_new_tokens=1000, seed=int(figures.group(5))).texts
+        texts = generate(model, tok, "[CLS]" + PROMPT, max_new_tokens=1000, seed=int(figures.group(5))).texts
         assert result.stdout == expected_stdout(texts)
         assert content == format_samples(texts)
 
@@ -146,45 +155,45 @@ def test_gpt2_chinese_command_from_users_readme(setup):
 def test_streamed_text_equals_returned_text_and_seed_reproduces(setup, capsys):
     model, tok = load(setup)
     pieces = []
-    first = sample(model, tok, "[CLS]" + PROMPT, num_samples=2, max_new_tokens=60, seed=3, on_text=pieces.append)
+    first = generate(model, tok, "[CLS]" + PROMPT, num_samples=2, max_new_tokens=60, seed=3, on_text=pieces.append)
     assert "".join(pieces) == first.texts[0] and first.texts[0].startswith(PROMPT)
-    assert sample(model, tok, "[CLS]" + PROMPT, num_samples=2, max_new_tokens=60, seed=3).texts == first.texts
-    assert sample(model, tok, "[CLS]" + PROMPT, num_samples=2, max_new_tokens=60, seed=4).texts != first.texts
+    assert generate(model, tok, "[CLS]" + PROMPT, num_samples=2, max_new_tokens=60, seed=3).texts == first.texts
+    assert generate(model, tok, "[CLS]" + PROMPT, num_samples=2, max_new_tokens=60, seed=4).texts != first.texts
 
     vocab = str(setup / "gpt2chinese" / "cache" / "vocab_small.txt")  # the checkpoint's own: accepted
     sample_py.main(["--out_dir", str(setup / "out"), "--start", PROMPT, "--max_new_tokens", "25", "--seed", "5",
                     "--device", "cpu", "--vocab", vocab])
     out = capsys.readouterr().out
-    assert out == sample(model, tok, PROMPT, max_new_tokens=25, seed=5).texts[0] + "\n"
+    assert out == generate(model, tok, PROMPT, max_new_tokens=25, seed=5).texts[0] + "\n"
 
 
 def test_samples_are_one_batch(setup, monkeypatch):
     model, tok = load(setup)
     batch_sizes = []
-    generate_stream = model.generate_stream
+    stream = model.stream
 
     def recording(idx, *args, **kwargs):
         batch_sizes.append(idx.size(0))
-        return generate_stream(idx, *args, **kwargs)
+        return stream(idx, *args, **kwargs)
 
-    monkeypatch.setattr(model, "generate_stream", recording)
-    result = sample(model, tok, PROMPT, num_samples=3, max_new_tokens=20, seed=1)
+    monkeypatch.setattr(model, "stream", recording)
+    result = generate(model, tok, PROMPT, num_samples=3, max_new_tokens=20, seed=1)
     assert batch_sizes == [3] and result.new_tokens == 60 and len(set(result.texts)) == 3
 
 
 def test_special_tokens_banned_and_end_of_text(setup, monkeypatch):
     model, tok = load(setup, "out_eos")
     generated = []
-    generate_stream = model.generate_stream
+    stream = model.stream
 
     def recording(*args, **kwargs):
-        for step in generate_stream(*args, **kwargs):
+        for step in stream(*args, **kwargs):
             generated.extend(step.tolist())
             yield step
 
-    monkeypatch.setattr(model, "generate_stream", recording)
+    monkeypatch.setattr(model, "stream", recording)
     max_new = 50
-    ended = sample(model, tok, PROMPT, num_samples=4, max_new_tokens=max_new, top_k=0, seed=2)
+    ended = generate(model, tok, PROMPT, num_samples=4, max_new_tokens=max_new, top_k=0, seed=2)
     assert tok.unk_id not in generated and tok.pad_id not in generated
     # a generated [CLS] ends its sample and is not part of the text
     assert generated.count(tok.cls_id) == 4 and ended.new_tokens < 4 * max_new
@@ -192,7 +201,7 @@ def test_special_tokens_banned_and_end_of_text(setup, monkeypatch):
     assert all(len(text) < len(PROMPT) + max_new for text in ended.texts)
 
     generated.clear()
-    kept = sample(model, tok, PROMPT, num_samples=4, max_new_tokens=max_new, top_k=0, seed=2, ignore_eos=True)
+    kept = generate(model, tok, PROMPT, num_samples=4, max_new_tokens=max_new, top_k=0, seed=2, ignore_eos=True)
     assert kept.new_tokens == 4 * max_new and generated.count(tok.cls_id) > 4
     assert tok.unk_id not in generated and tok.pad_id not in generated
     assert any("\n\n" in text for text in kept.texts)  # [CLS] reads as a paragraph break, as in GPT2-Chinese
@@ -219,8 +228,8 @@ def test_prompt_from_file_and_interactive_loop(setup, capsys, monkeypatch):
                     "--seed", "9"])
     captured = capsys.readouterr()
     model, tok = load(setup)
-    first = sample(model, tok, "黛玉", max_new_tokens=8, seed=9).texts[0]
-    second = sample(model, tok, "南宫", max_new_tokens=8, seed=10).texts[0]
+    first = generate(model, tok, "黛玉", max_new_tokens=8, seed=9).texts[0]
+    second = generate(model, tok, "南宫", max_new_tokens=8, seed=10).texts[0]
     assert captured.out == f"> {first}\n> > {second}\n> \n"
     assert len(FIGURES.findall(captured.err)) == 2
 

@@ -11,9 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import prepare
+import dataset
 import train
-from model import GPT, GPTConfig, save_hf_gpt2
+from configurator import UserError
+from files import atomic_torch_save
+from hf import save_hf_gpt2
+from model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = ["宝玉", "黛玉", "宝钗", "凤姐", "袭人", "贾母"]
@@ -33,7 +36,7 @@ def corpus_text(n: int = 900) -> str:
 def data_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
     (root / "tiny.txt").write_text(corpus_text(), encoding="utf-8")
-    prepare.prepare(str(root / "tiny.txt"), "tiny", vocab_size=120, block_size=32, data_dir=str(root))
+    dataset.prepare(str(root / "tiny.txt"), "tiny", vocab_size=120, block_size=32, data_dir=str(root))
     return root
 
 
@@ -118,16 +121,16 @@ def test_sigint_from_outside_saves_and_exits_cleanly(data_dir, tmp_path):
 
 def test_checkpoint_killed_mid_write_keeps_the_previous_one(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    train.save_checkpoint({"iter_num": 1, "weights": torch.arange(1000.0)}, path)
+    atomic_torch_save({"iter_num": 1, "weights": torch.arange(1000.0)}, path)
 
     def dying_save(obj, f):
-        with open(f, "wb") as handle:
-            handle.write(b"PK\x03\x04 half a checkpoint")
+        f.write(b"PK\x03\x04 half a checkpoint")
         raise KeyboardInterrupt  # the process is killed here
 
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint({"iter_num": 2, "weights": torch.zeros(1000)}, path)
+        atomic_torch_save({"iter_num": 2, "weights": torch.zeros(1000)}, path)
+    monkeypatch.undo()
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["iter_num"] == 1 and torch.equal(ckpt["weights"], torch.arange(1000.0))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
@@ -150,7 +153,7 @@ def test_fine_tune_from_a_gpt2_chinese_folder(data_dir, tmp_path):
     result = train.train(tiny_config(data_dir, tmp_path / "out", init_from=str(folder), max_iters=4))
     assert result["iter_num"] == 4
     assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["model_args"]["block_size"] == 64
-    with pytest.raises(train.ConfigError, match="--vocab"):
+    with pytest.raises(UserError, match="--vocab"):
         save_hf_gpt2(GPT(GPTConfig(block_size=64, vocab_size=99, n_layer=1, n_head=2, n_embd=32)), str(folder))
         train.train(tiny_config(data_dir, tmp_path / "out2", init_from=str(folder)))
 
@@ -183,7 +186,7 @@ def test_torchrun_two_cpu_processes(data_dir, tmp_path):
     assert result.stdout.count("iter 8/8") == 1  # only rank 0 logs
     iters = [r["iter"] for r in read_metrics(out) if "loss" in r]
     assert iters == list(range(1, 9))  # one line per iteration: one writer
-    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "last.pt", "loss.png", "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "ckpt.pt", "last.pt", "loss.png", "metrics.jsonl"]
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["iter_num"] == 8
     # 2 processes x 4 rows x 2 accumulation steps each: the same tokens per step as 1 process with 4.
@@ -210,3 +213,75 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, m
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: the training loss became nan") and result.stderr.count("\n") == 1
+
+
+def test_a_second_run_into_a_trained_out_dir_is_refused_and_the_model_kept(data_dir, tmp_path):
+    train.train(tiny_config(data_dir, tmp_path, max_iters=4, eval_interval=2))
+    before = {name: (tmp_path / name).read_bytes() for name in ("ckpt.pt", "last.pt")}
+    with pytest.raises(UserError, match="--init_from=resume.*--overwrite=True"):
+        train.train(tiny_config(data_dir, tmp_path, max_iters=4))
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    result = train.train(tiny_config(data_dir, tmp_path, max_iters=2, eval_interval=2, overwrite=True))
+    assert result["iter_num"] == 2 and [r["iter"] for r in read_metrics(tmp_path) if "val_loss" in r] == [0, 2]
+
+
+def test_resume_refuses_another_shape_and_changed_data(data_dir, tmp_path):
+    train.train(tiny_config(data_dir, tmp_path, max_iters=2, eval_interval=2))
+    with pytest.raises(UserError, match="--n_layer=3 .the model has 2."):
+        train.train(tiny_config(data_dir, tmp_path, max_iters=4, init_from="resume", n_layer=3))
+    with pytest.raises(UserError, match="--block_size=64"):
+        train.train(tiny_config(data_dir, tmp_path, max_iters=4, init_from="resume", block_size=64))
+    (tmp_path / "last.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
+    with pytest.raises(UserError, match="corrupt or was not written by train.py") as info:
+        train.train(tiny_config(data_dir, tmp_path, max_iters=4, init_from="resume"))
+    assert "weights_only" not in str(info.value)
+
+
+@pytest.mark.parametrize("override, words", [
+    (dict(learning_rate=0.0), "--learning_rate must be above 0"),
+    (dict(batch_size=-1), "--batch_size must be above 0"),
+    (dict(block_size=0), "--block_size must be above 0"),
+    (dict(eval_interval=0), "--eval_interval must be above 0"),
+    (dict(gradient_accumulation_steps=0), "--gradient_accumulation_steps must be above 0"),
+    (dict(max_iters=-5), "--max_iters must be 0 or more"),
+    (dict(n_head=3, n_embd=64), "must be a multiple of --n_head 3"),
+    (dict(dropout=2.0), r"--dropout must be in \[0, 1\)"),
+    (dict(device="cuda"), "--device=cuda, but this machine has 0 CUDA devices"),
+    (dict(device="gpu"), "unknown device 'gpu'"),
+    (dict(dtype="float16"), "float16 is not supported on the CPU"),
+])
+def test_bad_settings_are_one_line_errors_before_any_work(data_dir, tmp_path, override, words):
+    with pytest.raises(UserError, match=words):
+        train.train(tiny_config(data_dir, tmp_path / "out", **override))
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_out_dir_and_compile_words_from_the_command_line(data_dir, tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    base = ["--dataset=tiny", f"--data_dir={data_dir}", "--device=cpu", "--max_iters=1"]
+    for args, words in (([f"--out_dir={tmp_path / 'a_file'}"], "--out_dir"),
+                        (["--out_dir=/proc/novelgpt-out"], "cannot create --out_dir"),
+                        (["--compile=yes"], "--compile expects True or False")):
+        result = subprocess.run([sys.executable, str(ROOT / "train.py"), *base, *args], capture_output=True,
+                                text=True, cwd=tmp_path)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert result.stderr.startswith("error: ") and words in result.stderr
+
+
+def test_two_trainers_on_one_out_dir_the_second_is_refused(data_dir, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--dataset=tiny", f"--data_dir={data_dir}", f"--out_dir={out}",
+           "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--max_iters=100000",
+           "--eval_interval=100000", "--eval_iters=2", "--log_interval=1", "--device=cpu", "--compile=False"]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 60
+        while not ((out / "metrics.jsonl").exists() and len(read_metrics(out)) >= 2):
+            assert first.poll() is None and time.time() < deadline, first.stdout.read()
+            time.sleep(0.2)
+        second = subprocess.run(cmd + ["--overwrite=True"], capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+        assert str(first.pid) in second.stderr
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=60)

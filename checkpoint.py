@@ -1,0 +1,120 @@
+"""Checkpoints: the one format train.py writes, and the one loader every script uses.
+
+A checkpoint (.pt) is a dict of tensors and plain data, read with torch.load(weights_only=True):
+    model_args  GPTConfig fields              model       state dict (weights)
+    vocab       Tokenizer.to_meta()           config      the training settings (dataset, data_dir, ...)
+    iter_num, best_val_loss                   and, in last.pt only, what resume needs: optimizer, scaler, rng
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from configurator import UserError
+from hf import load_hf_gpt2
+from model import GPT
+from tokenizer import Tokenizer
+
+TRAIN_COMMAND = "python train.py config/novel_cpu.py"
+
+
+def checkpoint_state(model: GPT, tok: Tokenizer, config: dict, iter_num: int, best_val_loss: float) -> dict:
+    """What ckpt.pt holds: enough to rebuild the model and its tokenizer, nothing to unpickle."""
+    return {"model": model.state_dict(), "model_args": dataclasses.asdict(model.config), "vocab": tok.to_meta(),
+            "config": config, "iter_num": iter_num, "best_val_loss": best_val_loss}
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """torch.load a checkpoint as data; a damaged or foreign file is a one-line UserError."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"no checkpoint at {path}") from None
+    except Exception:  # truncated, not a zip, pickled code, ...: torch's own advice (weights_only=False) is unsafe
+        raise UserError(f"cannot load {path}: it is corrupt or was not written by train.py; "
+                        "use another checkpoint or train again") from None
+    missing = [k for k in ("model", "model_args", "vocab") if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        raise UserError(f"{path} is not a checkpoint written by train.py (it has no {', '.join(missing)})")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint: dict, path: str | Path) -> tuple[GPT, Tokenizer]:
+    """The GPT and Tokenizer stored in a checkpoint dict."""
+    try:
+        return GPT.from_state_dict(checkpoint["model_args"], checkpoint["model"]), Tokenizer.from_meta(checkpoint["vocab"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise UserError(f"cannot load the model in {path}: {first}") from None
+
+
+def vocab_from_file(path: str) -> Tokenizer:
+    """A vocab.txt (ours or GPT2-Chinese's), with one-line errors."""
+    try:
+        return Tokenizer.from_vocab_file(path)
+    except FileNotFoundError:
+        raise UserError(f"vocab file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"cannot use {path} as a vocab file: {e}") from None
+
+
+def _load_hf_folder(folder: str, vocab: str) -> tuple[GPT, Tokenizer]:
+    if not vocab and not os.path.isfile(os.path.join(folder, "vocab.txt")):
+        raise UserError(f"{folder} has no vocab.txt; give its vocabulary with --vocab "
+                        "(GPT2-Chinese: --tokenizer_path cache/vocab_small.txt)")
+    vocab = vocab or os.path.join(folder, "vocab.txt")
+    tok = vocab_from_file(vocab)
+    try:
+        model = load_hf_gpt2(folder)
+    except (OSError, ValueError) as e:
+        raise UserError(str(e)) from None
+    if tok.vocab_size != model.config.vocab_size:
+        raise UserError(f"{vocab} has {tok.vocab_size} tokens but the model in {folder} has "
+                        f"{model.config.vocab_size}; give the vocab file it was trained with")
+    return model, tok
+
+
+def resolve_source(source: str, newest_fallback: bool = False) -> str:
+    """The file or folder a model source names: a HF folder, a .pt file, or a run folder's ckpt.pt
+    (its last.pt, said aloud, when training has not saved a best checkpoint yet). newest_fallback: when
+    source holds none, take the newest out*/ckpt.pt here, said aloud (configs write to out-<name>/)."""
+    if os.path.isfile(os.path.join(source, "config.json")) or os.path.isfile(source):
+        return source
+    best, latest = os.path.join(source, "ckpt.pt"), os.path.join(source, "last.pt")
+    if os.path.isfile(best):
+        return best
+    if os.path.isfile(latest):
+        print(f"note: {best} not found; using the latest checkpoint, {latest}", file=sys.stderr)
+        return latest
+    runs = sorted((str(p) for p in Path(".").glob("out*/ckpt.pt")), key=os.path.getmtime)
+    if newest_fallback and runs:
+        print(f"note: no checkpoint in {source}; using {runs[-1]}, the newest here (choose with --out_dir)",
+              file=sys.stderr)
+        return runs[-1]
+    hint = (f"found {', '.join(runs[-3:])}: pass --out_dir {os.path.dirname(runs[-1])}" if runs else
+            f"train one with `{TRAIN_COMMAND}` and pass its out_dir as --out_dir")
+    raise UserError(f"no checkpoint at {best}; {hint} (or --init_from a GPT2-Chinese model folder)")
+
+
+def load_model(source: str, vocab: str = "", device: str = "cpu", dtype: torch.dtype = torch.float32,
+               newest_fallback: bool = False) -> tuple[GPT, Tokenizer]:
+    """The model and tokenizer of a run folder (its ckpt.pt), a .pt file, or a HF / GPT2-Chinese folder,
+    in eval mode on device. vocab: the vocab.txt of a folder without one; for a .pt it must match."""
+    path = resolve_source(source, newest_fallback)
+    if os.path.isdir(path):
+        model, tok = _load_hf_folder(path, vocab)
+    else:
+        model, tok = model_from_checkpoint(read_checkpoint(path), path)
+        if vocab:
+            given = vocab_from_file(vocab)
+            if given.itos != tok.itos:
+                first = next((i for i, (a, b) in enumerate(zip(given.itos, tok.itos)) if a != b),
+                             min(given.vocab_size, tok.vocab_size))
+                raise UserError(f"{vocab} ({given.vocab_size} tokens) does not match the vocabulary in {path} "
+                                f"({tok.vocab_size} tokens; first difference at id {first}); leave --vocab out, "
+                                "the checkpoint carries its own")
+    return model.eval().to(device=device, dtype=dtype), tok

@@ -1,0 +1,145 @@
+"""Where the code runs: device, dtype, compile, autocast, seeding and torchrun processes, decided in one place.
+
+Every script (train, sample, serve, evaluate, bench) calls init_runtime() so they share one rule:
+    rt = init_runtime(device="auto", dtype="auto", compile=None, seed=1337)
+    with rt.autocast():
+        logits, loss = model(x, y)
+"""
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ContextManager
+
+import torch
+
+from configurator import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: str  # "cpu", "cuda:0", "mps"
+    dtype: torch.dtype  # compute dtype: autocast in training, weight dtype in decoding
+    compile: bool
+    rank: int = 0  # torchrun process index; 0 (the master) when not under torchrun
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def device_type(self) -> str:
+        return self.device.split(":")[0]
+
+    @property
+    def ddp(self) -> bool:
+        return self.world_size > 1 or "RANK" in os.environ
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    def autocast(self) -> ContextManager:
+        """Mixed precision for training and evaluation; nothing to do in float32."""
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+
+def cpu_has_bf16() -> bool:
+    """True where the CPU computes bf16 natively (AVX512-BF16 or AMX), so bf16 pays off."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_device(name: str) -> str:
+    """'auto' -> CUDA, else MPS, else CPU. A GPT2-Chinese GPU index ("0", "1", "0,1") falls back to the CPU
+    with a notice when that GPU is missing; a named device that is missing is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    index = name.split(",")[0]
+    if index.isdigit():  # GPT2-Chinese's --device 0,1
+        if int(index) < torch.cuda.device_count():
+            return f"cuda:{index}"
+        print(f"note: no GPU {name} here ({torch.cuda.device_count()} CUDA devices); running on the CPU",
+              file=sys.stderr)
+        return "cpu"
+    try:
+        wanted = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}'; use auto, cpu, cuda, cuda:N, mps or a GPU index") from None
+    if wanted.type == "cuda" and (wanted.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device={name}, but this machine has {torch.cuda.device_count()} CUDA devices; "
+                        "use --device=cpu (or auto)")
+    if wanted.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device=mps, but MPS is not available here; use --device=cpu (or auto)")
+    if wanted.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unsupported device '{name}'; use auto, cpu, cuda, cuda:N or mps")
+    return name
+
+
+def pick_dtype(name: str, device_type: str) -> torch.dtype:
+    """'auto': bf16 where the hardware computes it natively, fp16 on older GPUs, else fp32."""
+    if name != "auto":
+        if name not in DTYPES:
+            raise UserError(f"--dtype must be auto, {', '.join(DTYPES)}; got '{name}'")
+        if name == "float16" and device_type == "cpu":
+            raise UserError("--dtype=float16 is not supported on the CPU; use bfloat16 or float32 (or auto)")
+        if name == "bfloat16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise UserError("this GPU has no bfloat16; use --dtype=float16 (or auto)")
+        return DTYPES[name]
+    if device_type == "cuda":
+        # bf16 from compute capability 8.0 (Ampere) on; older GPUs get fp16 (with a gradient scaler in training)
+        return torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float16
+    if device_type == "cpu" and cpu_has_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def pick_compile(setting: bool | None, device_type: str) -> bool:
+    """None: on for CUDA on Linux. torch.compile on a GPU needs Triton, missing e.g. on Windows."""
+    wanted = setting if setting is not None else (device_type == "cuda" and sys.platform == "linux")
+    if wanted and device_type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            print("note: torch.compile is off: Triton is not installed (as on Windows)", file=sys.stderr)
+            return False
+    return wanted
+
+
+def init_runtime(device: str = "auto", dtype: str = "auto", compile: bool | None = None,
+                 seed: int | None = None) -> Runtime:
+    """Decide device, dtype and compile; start the torchrun process group when launched by torchrun."""
+    rank, local_rank, world_size = 0, 0, 1
+    if "RANK" in os.environ:  # started by torchrun
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        world_size = int(os.environ["WORLD_SIZE"])
+        if torch.cuda.is_available() and device in ("auto", "cuda"):
+            device = f"cuda:{local_rank}"
+    device = pick_device(device)
+    device_type = device.split(":")[0]
+    if device_type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores, where any remain
+        torch.backends.cudnn.allow_tf32 = True
+    if "RANK" in os.environ and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    if seed is not None:
+        torch.manual_seed(seed + rank)  # each rank its own dropout stream
+    return Runtime(device=device, dtype=pick_dtype(dtype, device_type), compile=pick_compile(compile, device_type),
+                   rank=rank, local_rank=local_rank, world_size=world_size)
