@@ -26,6 +26,7 @@ from model import GPT, GPTConfig
 from runtime import cpu_has_bf16, init_runtime
 from tokenizer import DEFAULT_VOCAB_SIZE
 import train
+from optim import make_optimizers, train_step
 
 # our users' GPT2-Chinese model, and a small one that trains quickly on a CPU
 USERS_MODEL = GPTConfig(block_size=512, vocab_size=DEFAULT_VOCAB_SIZE, n_layer=10, n_head=12, n_embd=768)
@@ -85,7 +86,7 @@ def bench_train_step(argv: list[str]) -> None:
         del reference, ref_optimizer
 
         ours = GPT(config).train()
-        optimizer = train.make_optimizer(ours, dict(train.DEFAULTS, learning_rate=6e-4), "cpu")
+        optimizer = make_optimizers(ours, dict(train.DEFAULTS, optimizer="adamw", learning_rate=6e-4), "cpu")[0]
         eager_s = seconds_per_call(train_step_fn(ours, optimizer, x, y, bf16, hf=False), 1, 3)
         compiled_s = seconds_per_call(train_step_fn(torch.compile(ours), optimizer, x, y, bf16, hf=False), 2, 3)
 
@@ -211,7 +212,7 @@ def bench_train(argv: list[str]) -> None:
     model = GPT(GPTConfig(block_size=config["block_size"], vocab_size=DEFAULT_VOCAB_SIZE, n_layer=config["n_layer"],
                           n_head=config["n_head"], n_embd=config["n_embd"], dropout=config["dropout"],
                           bias=config["bias"])).to(device)
-    optimizer = train.make_optimizer(model, config, device_type)
+    optimizers = make_optimizers(model, config, device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=rt.dtype == torch.float16)
     step_model = torch.compile(model) if rt.compile else model
     batch, block, accumulation = config["batch_size"], config["block_size"], config["gradient_accumulation_steps"]
@@ -219,7 +220,7 @@ def bench_train(argv: list[str]) -> None:
     def step() -> None:
         data = torch.randint(0, DEFAULT_VOCAB_SIZE, (batch * accumulation, block + 1), device=device)
         x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
-        train.train_step(step_model, optimizer, scaler, x, y, batch, rt, config["grad_clip"])
+        train_step(step_model, optimizers, scaler, x, y, batch, rt, config["grad_clip"])
         if device_type == "cuda":
             torch.cuda.synchronize()
 

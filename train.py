@@ -29,6 +29,7 @@ from dataset import Dataset, open_dataset
 from files import FolderLock, atomic_torch_save, remove_stale_temps
 from hf import load_hf_gpt2
 from model import GPT, GPTConfig, peak_flops_for
+from optim import lr_factor, make_optimizers, set_lr, train_step
 from runtime import Runtime, init_runtime
 
 TYPES = dict(compile=bool)  # keys whose default None means auto
@@ -52,9 +53,18 @@ DEFAULTS = dict(
     # length: max_iters if it is above 0, else epochs over the training tokens
     max_iters=0,
     epochs=15.0,
-    # AdamW with warm-up and cosine decay to min_lr
-    learning_rate=3e-4,
-    min_lr=3e-5,
+    # optimizer: 'muon' (Muon for the blocks' weight matrices, AdamW at learning_rate for embeddings,
+    # biases and LayerNorm) or 'adamw' (AdamW for everything)
+    optimizer="muon",
+    muon_lr=0.02,
+    muon_momentum=0.95,
+    muon_weight_decay=0.0,
+    learning_rate=3e-4,  # AdamW's peak rate
+    # schedule, the same curve for every rate: warm-up, then 'cosine' decay, or 'wsd' (stable, then a linear
+    # decay over the last decay_frac of the run), down to min_lr_ratio of the peak
+    lr_schedule="wsd",
+    decay_frac=0.3,
+    min_lr_ratio=0.1,
     warmup_iters=200,
     decay_lr=True,
     weight_decay=0.1,
@@ -64,6 +74,8 @@ DEFAULTS = dict(
     # evaluation, logging, checkpoints
     eval_interval=250,
     eval_iters=40,
+    patience=0,  # evaluations without a better val loss before saying the model memorises the text; 0 = off
+    early_stop=False,  # with patience: stop training there (the best checkpoint is kept)
     log_interval=10,
     wandb_log=False,
     wandb_project="novelgpt",
@@ -87,7 +99,8 @@ def check_config(config: dict) -> None:
     for key in positive:
         if config[key] <= 0:
             raise UserError(f"--{key} must be above 0, got {config[key]}")
-    for key in ("max_iters", "warmup_iters", "min_lr", "weight_decay", "grad_clip", "peak_flops"):
+    for key in ("max_iters", "warmup_iters", "min_lr_ratio", "weight_decay", "grad_clip", "peak_flops", "patience",
+                "muon_lr", "muon_weight_decay"):
         if config[key] < 0:
             raise UserError(f"--{key} must be 0 or more, got {config[key]}")
     if config["max_iters"] == 0 and config["epochs"] <= 0:
@@ -97,6 +110,11 @@ def check_config(config: dict) -> None:
     for key in ("beta1", "beta2"):
         if not 0 <= config[key] < 1:
             raise UserError(f"--{key} must be in [0, 1), got {config[key]}")
+    for key, choices in (("optimizer", ("muon", "adamw")), ("lr_schedule", ("wsd", "cosine"))):
+        if config[key] not in choices:
+            raise UserError(f"--{key} must be {' or '.join(choices)}, got {config[key]!r}")
+    if not 0 < config["decay_frac"] <= 1 or not 0 <= config["muon_momentum"] < 1:
+        raise UserError("--decay_frac must be in (0, 1] and --muon_momentum in [0, 1)")
     if config["n_embd"] % config["n_head"]:
         raise UserError(f"--n_embd {config['n_embd']} must be a multiple of --n_head {config['n_head']}")
     for key in ("dataset", "out_dir", "data_dir"):
@@ -131,8 +149,12 @@ def resumed_model(config: dict, dataset: Dataset) -> tuple[GPT, dict]:
     if not path.exists():
         raise UserError(f"nothing to resume: {path} does not exist; train with --init_from=scratch first")
     checkpoint = read_checkpoint(path)
-    if "optimizer" not in checkpoint:
-        raise UserError(f"{path} holds weights only, not a training state; it cannot be resumed")
+    if "optimizers" not in checkpoint:
+        raise UserError(f"{path} holds no training state of this version (weights only, or written before Muon); "
+                        "sample.py and --init_from can use its weights, but it cannot be resumed")
+    if checkpoint["config"].get("optimizer") != config["optimizer"]:
+        raise UserError(f"{path} was trained with --optimizer={checkpoint['config'].get('optimizer')}; "
+                        "resume with the same optimizer")
     model, tok = model_from_checkpoint(checkpoint, path)
     if tok.itos != dataset.tokenizer.itos:
         raise UserError(f"{path} was trained on another vocabulary than {dataset.folder}; use its dataset")
@@ -147,51 +169,7 @@ def resumed_model(config: dict, dataset: Dataset) -> tuple[GPT, dict]:
     return model, checkpoint
 
 
-def make_optimizer(model: GPT, config: dict, device_type: str) -> torch.optim.Optimizer:
-    """AdamW decaying the matrices and embeddings only (not biases, not LayerNorm); fused where possible."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config["weight_decay"]},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    fused = device_type in ("cuda", "cpu")  # one kernel for all parameters instead of a loop of ops
-    return torch.optim.AdamW(groups, lr=config["learning_rate"], betas=(config["beta1"], config["beta2"]),
-                             fused=fused or None)
-
-
-def lr_at(it: int, config: dict, max_iters: int) -> float:
-    """Linear warm-up, then cosine decay from learning_rate to min_lr at max_iters."""
-    if not config["decay_lr"]:
-        return config["learning_rate"]
-    if it < config["warmup_iters"]:
-        return config["learning_rate"] * (it + 1) / (config["warmup_iters"] + 1)
-    progress = min(1.0, (it - config["warmup_iters"]) / max(1, max_iters - config["warmup_iters"]))
-    return config["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config["learning_rate"] - config["min_lr"])
-
-
 # ------------------------------------------------------------------ one step, one evaluation
-
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               x: torch.Tensor, y: torch.Tensor, micro_batch: int, rt: Runtime, grad_clip: float) -> torch.Tensor:
-    """One optimizer step over this process's rows x, y (B, T), in micro-batches of micro_batch rows;
-    returns their mean loss (on the device, no host sync)."""
-    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-    starts = range(0, x.size(0), micro_batch)
-    total = torch.zeros((), device=x.device)
-    for k, start in enumerate(starts):
-        rows = slice(start, start + micro_batch)
-        # Under DDP, gradients are averaged across ranks only in the last micro-step's backward.
-        with model.no_sync() if ddp and k < len(starts) - 1 else nullcontext():
-            with rt.autocast():
-                _, loss = model(x[rows], y[rows])
-            scaler.scale(loss / len(starts)).backward()
-        total += loss.detach().float()
-    if grad_clip > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return total / len(starts)
-
 
 @torch.no_grad()
 def estimate_loss(model: GPT, dataset: Dataset, config: dict, rt: Runtime) -> dict[str, float]:
@@ -322,7 +300,7 @@ class Run:
     out_dir: Path
     raw_model: GPT  # the plain module: what checkpoints save and evaluation runs
     model: torch.nn.Module  # what the step runs: compiled and/or wrapped by DDP
-    optimizer: torch.optim.Optimizer
+    optimizers: list[torch.optim.Optimizer]
     scaler: torch.amp.GradScaler
     batch_generator: torch.Generator  # the data order; the same on every rank, each takes its own rows
     log: MetricsLog
@@ -331,6 +309,8 @@ class Run:
     fingerprint: str  # the dataset as it was when the run began
     iter_num: int = 0
     best_val_loss: float = math.inf
+    best_iter: int = 0
+    stale_evals: int = 0  # evaluations since the val loss last improved
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's rows of the next optimizer step: (batch_size * accumulation, block_size) each."""
@@ -349,13 +329,16 @@ class Run:
             rng = {"torch": torch.get_rng_state(), "batch": self.batch_generator.get_state()}
             if self.rt.device_type == "cuda":
                 rng["cuda"] = torch.cuda.get_rng_state(self.rt.device)
-            state.update(optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), rng=rng)
+            state.update(optimizers=[o.state_dict() for o in self.optimizers], scaler=self.scaler.state_dict(),
+                         rng=rng, best_iter=self.best_iter, stale_evals=self.stale_evals)
         return state
 
     def restore(self, checkpoint: dict) -> None:
         """Go on exactly where last.pt stopped."""
         self.iter_num, self.best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.best_iter, self.stale_evals = checkpoint["best_iter"], checkpoint["stale_evals"]
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizers"]):
+            optimizer.load_state_dict(state)
         self.scaler.load_state_dict(checkpoint["scaler"])
         self.batch_generator.set_state(checkpoint["rng"]["batch"])
         if self.rt.master:  # the other ranks' dropout streams are not saved; only rank 0's is restored
@@ -408,7 +391,7 @@ def setup_run(config: dict, rt: Runtime, stack: ExitStack) -> Run:
             step_model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
     tokens_per_iter = config["batch_size"] * config["gradient_accumulation_steps"] * config["block_size"]
     max_iters = config["max_iters"] or math.ceil(config["epochs"] * dataset.meta["train_tokens"] / tokens_per_iter)
-    run = Run(config, rt, dataset, out_dir, model, step_model, make_optimizer(model, config, rt.device_type),
+    run = Run(config, rt, dataset, out_dir, model, step_model, make_optimizers(model, config, rt.device_type),
               torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16),
               torch.Generator().manual_seed(config["seed"]), MetricsLog(out_dir, config, rt, fresh=checkpoint is None),
               max_iters, tokens_per_iter, dataset.fingerprint())
@@ -444,10 +427,21 @@ def evaluate_and_save(run: Run) -> dict[str, float]:
                      "train_loss": losses["train"], "val_loss": val, "val_bits_per_char": val / math.log(2),
                      "val_perplexity": math.exp(val)})
     if val < run.best_val_loss:
-        run.best_val_loss = val
+        run.best_val_loss, run.best_iter, run.stale_evals = val, run.iter_num, 0
         save(run, "ckpt.pt", full=False)
+    else:
+        run.stale_evals += 1
+        if run.stale_evals == run.config["patience"] and run.rt.master:
+            print(f"note: the val loss has not improved for {run.stale_evals} evaluations: the model is starting to "
+                  f"memorise the text. The best checkpoint is at iteration {run.best_iter} with val "
+                  f"{run.best_val_loss:.4f}" + ("; stopping (--early_stop)" if run.config["early_stop"] else ""))
     save(run, "last.pt", full=True)
     return losses
+
+
+def memorising(run: Run) -> bool:
+    """True when early_stop is on and patience evaluations in a row brought no better val loss."""
+    return run.config["early_stop"] and 0 < run.config["patience"] <= run.stale_evals
 
 
 def log_progress(run: Run, loss: float, lr: float, timed_iters: int, elapsed: float) -> None:
@@ -492,20 +486,20 @@ def train(config: dict) -> dict:
                 if run.iter_num % config["eval_interval"] == 0 or run.iter_num >= run.max_iters:
                     losses = evaluate_and_save(run)
                     t0, timed_iters = time.time(), 0  # evaluation time is not training speed
-                if run.iter_num >= run.max_iters:
+                if run.iter_num >= run.max_iters or memorising(run):
                     break
-                lr = lr_at(run.iter_num, config, run.max_iters)
-                for group in run.optimizer.param_groups:
-                    group["lr"] = lr
+                factor = lr_factor(run.iter_num, config, run.max_iters)
+                set_lr(run.optimizers, factor)
                 x, y = run.next_batch()
-                loss_sum += train_step(run.model, run.optimizer, run.scaler, x, y, micro_batch, rt,
+                loss_sum += train_step(run.model, run.optimizers, run.scaler, x, y, micro_batch, rt,
                                        config["grad_clip"])
                 run.iter_num += 1
                 timed_iters += 1
                 at_log = run.iter_num % config["log_interval"] == 0
                 if at_log:
                     if rt.master:
-                        log_progress(run, loss_sum.item() / timed_iters, lr, timed_iters, time.time() - t0)
+                        log_progress(run, loss_sum.item() / timed_iters, factor * config["learning_rate"], timed_iters,
+                                     time.time() - t0)
                     loss_sum.zero_()
                     t0, timed_iters = time.time(), 0
                 # under torchrun the ranks agree on stopping at log intervals only: it costs a sync
@@ -522,6 +516,7 @@ def train(config: dict) -> dict:
         if rt.ddp:
             torch.distributed.destroy_process_group()
     return {"iter_num": run.iter_num, "max_iters": run.max_iters, "best_val_loss": run.best_val_loss,
+            "best_iter": run.best_iter,
             "train_loss": losses.get("train"), "val_loss": losses.get("val"), "stopped": stopped}
 
 

@@ -16,7 +16,7 @@ gradient_accumulation_steps = 1
 max_iters = 2400
 
 learning_rate = 3e-3  # 5e-3 was worse (at batch 16)
-min_lr = 3e-4
+min_lr_ratio = 0.1
 warmup_iters = 100
 weight_decay = 0.1
 beta2 = 0.99  # small batches: a longer second-moment average is steadier

@@ -18,7 +18,7 @@ gradient_accumulation_steps = 4
 epochs = 15.0
 
 learning_rate = 3e-4
-min_lr = 3e-5
+min_lr_ratio = 0.1
 warmup_iters = 100
 weight_decay = 0.1
 

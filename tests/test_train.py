@@ -43,7 +43,7 @@ def data_dir(tmp_path_factory) -> Path:
 def tiny_config(data_dir: Path, out_dir: Path, **overrides) -> dict:
     config = dict(train.DEFAULTS, dataset="tiny", data_dir=str(data_dir), out_dir=str(out_dir),
                   n_layer=2, n_head=2, n_embd=32, block_size=32, dropout=0.1, batch_size=4,
-                  gradient_accumulation_steps=2, max_iters=30, learning_rate=3e-3, min_lr=3e-4, warmup_iters=5,
+                  gradient_accumulation_steps=2, max_iters=30, learning_rate=3e-3, min_lr_ratio=0.1, warmup_iters=5,
                   eval_interval=10, eval_iters=4, log_interval=1, device="cpu", dtype="float32", compile=False)
     config.update(overrides)
     return config
@@ -70,7 +70,7 @@ def test_loss_goes_down_and_checkpoint_is_complete(data_dir, tmp_path):
     assert ckpt["vocab"]["itos"][:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     assert ckpt["config"]["n_embd"] == 32 and ckpt["best_val_loss"] == result["best_val_loss"]
     last = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert last["iter_num"] == 60 and "optimizer" in last and "rng" in last
+    assert last["iter_num"] == 60 and len(last["optimizers"]) == 2 and "rng" in last
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
     record = read_metrics(tmp_path)[1]
     assert {"iter", "epoch", "loss", "lr", "ms_per_iter", "tokens_per_s"} <= set(record)
@@ -84,18 +84,18 @@ def test_sigint_then_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path,
 
     # The same run, interrupted by a real SIGINT during iteration 13, then resumed.
     interrupted = tmp_path / "interrupted"
-    real_lr_at = train.lr_at
+    real_lr_at = train.lr_factor
 
     def lr_at_then_interrupt(it, *args):
         if it == 12:  # iteration 13 is starting
             signal.raise_signal(signal.SIGINT)
         return real_lr_at(it, *args)
 
-    monkeypatch.setattr(train, "lr_at", lr_at_then_interrupt)
+    monkeypatch.setattr(train, "lr_factor", lr_at_then_interrupt)
     result = train.train(tiny_config(data_dir, interrupted))
     assert result["stopped"] and result["iter_num"] == 13
     assert torch.load(interrupted / "last.pt", weights_only=True)["iter_num"] == 13
-    monkeypatch.setattr(train, "lr_at", real_lr_at)
+    monkeypatch.setattr(train, "lr_factor", real_lr_at)
     result = train.train(tiny_config(data_dir, interrupted, init_from="resume"))
     assert result["iter_num"] == 30 and not result["stopped"]
     assert train_losses(interrupted) == expected  # exactly, dropout included
@@ -285,3 +285,28 @@ def test_two_trainers_on_one_out_dir_the_second_is_refused(data_dir, tmp_path):
     finally:
         first.send_signal(signal.SIGINT)
         first.communicate(timeout=60)
+
+
+def test_adamw_stays_one_flag_and_muon_takes_the_block_matrices(data_dir, tmp_path):
+    from optim import Muon, make_optimizers
+    model = GPT(GPTConfig(block_size=32, vocab_size=120, n_layer=2, n_head=2, n_embd=32))
+    muon, adamw = make_optimizers(model, tiny_config(data_dir, tmp_path), "cpu")
+    assert isinstance(muon, Muon) and isinstance(adamw, torch.optim.AdamW)
+    in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
+    assert in_muon == {id(p) for p in model.transformer.h.parameters() if p.dim() == 2}
+    assert id(model.transformer.wte.weight) not in in_muon
+    assert [type(o) for o in make_optimizers(model, tiny_config(data_dir, tmp_path, optimizer="adamw"), "cpu")] == [
+        torch.optim.AdamW]
+    result = train.train(tiny_config(data_dir, tmp_path / "a", optimizer="adamw", max_iters=20, dropout=0.0))
+    evals = [r["val_loss"] for r in read_metrics(tmp_path / "a") if "val_loss" in r]
+    assert evals[-1] < evals[0] - 0.5 and result["iter_num"] == 20
+
+
+def test_patience_says_the_model_memorises_and_early_stop_stops(data_dir, tmp_path, capsys):
+    # a learning rate far too high for the tiny model: the val loss stops improving at once
+    result = train.train(tiny_config(data_dir, tmp_path, max_iters=60, eval_interval=2, patience=2,
+                                     early_stop=True, muon_lr=5.0, learning_rate=1.0, warmup_iters=0))
+    out = capsys.readouterr().out
+    assert out.count("starting to memorise") == 1 and "stopping (--early_stop)" in out
+    assert result["iter_num"] < 60 and result["iter_num"] == result["best_iter"] + 4
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter_num"] == result["best_iter"]
