@@ -18,8 +18,9 @@ import time
 from dataclasses import fields
 from typing import Callable, NamedTuple
 
-from checkpoint import load_model
+from checkpoint import load_model, resolve_source
 from configurator import UserError, exit_with_error, get_config
+from copycheck import CopyIndex, copy_index_for, copy_summary
 from engine import Engine, SamplingSettings
 from runtime import init_runtime
 from tokenizer import Tokenizer
@@ -44,6 +45,7 @@ DEFAULTS = dict(
     save_samples=False,  # also write the samples to a new file in save_samples_path
     save_samples_path="samples",
     interactive=False,  # continue each line typed in the terminal, until Ctrl-D
+    min_copy=12,  # report spans of this many characters copied verbatim from the training text; 0 = off
 )
 # GPT2-Chinese generate.py's option names, so commands copied from its READMEs work unchanged
 ALIASES = dict(length="max_new_tokens", prefix="start", nsamples="num_samples", topk="top_k", topp="top_p",
@@ -136,7 +138,8 @@ def write(text: str) -> None:
     sys.stdout.flush()
 
 
-def run_prompt(engine: Engine, tok: Tokenizer, prompt: str, config: dict, seed: int) -> Samples:
+def run_prompt(engine: Engine, tok: Tokenizer, prompt: str, config: dict, seed: int,
+               index: CopyIndex | None = None) -> Samples:
     """Generate for one prompt: sample 1 streamed, the others printed when the batch is done."""
     note = unknown_chars_message(tok, prompt)
     if note:
@@ -150,6 +153,10 @@ def run_prompt(engine: Engine, tok: Tokenizer, prompt: str, config: dict, seed: 
     rate = result.new_tokens / max(result.seconds, 1e-9)
     print(f"{result.new_tokens} tokens in {result.seconds:.2f} s, {rate:.1f} tokens/s "
           f"({config['num_samples']} sample(s), seed {seed})", file=sys.stderr)
+    if index is not None:
+        prompt_chars = len(tok.decode(tok.encode(prompt)).lstrip("\n"))
+        for n, text in enumerate(result.texts, 1):  # the continuation only: the prompt is the user's own
+            print(f"sample {n}: {copy_summary(text[prompt_chars:], tok, index, config['min_copy'])}", file=sys.stderr)
     if config["save_samples"]:
         try:
             print(f"saved to {save_samples(result.texts, config['save_samples_path'])}", file=sys.stderr)
@@ -169,7 +176,7 @@ def read_prompt(start: str) -> str:
         raise UserError(f"cannot read the prompt file {start[5:]} as UTF-8 text: {e}") from None
 
 
-def interactive_loop(engine: Engine, tok: Tokenizer, config: dict, seed: int) -> None:
+def interactive_loop(engine: Engine, tok: Tokenizer, config: dict, seed: int, index: CopyIndex | None) -> None:
     """Continue each line typed; Ctrl-C stops the current continuation, Ctrl-D (end of input) ends."""
     print("type a beginning and press Enter; Ctrl-D ends", file=sys.stderr)
     while True:
@@ -181,7 +188,7 @@ def interactive_loop(engine: Engine, tok: Tokenizer, config: dict, seed: int) ->
         if not line.strip():
             continue
         try:
-            run_prompt(engine, tok, line, config, seed)
+            run_prompt(engine, tok, line, config, seed, index)
         except KeyboardInterrupt:
             print("\n(stopped)", file=sys.stderr)
         seed += 1  # a different continuation for the same line typed again
@@ -198,17 +205,23 @@ def main(argv: list[str] | None = None) -> None:
         prompt = read_prompt(config["start"])
         rt = init_runtime(config["device"], config["dtype"], config["compile"])
         default_out = not config["init_from"] and config["out_dir"] == DEFAULTS["out_dir"]
-        model, tok = load_model(config["init_from"] or config["out_dir"], config["vocab"], rt.device, rt.dtype,
-                                newest_fallback=default_out)
+        path = resolve_source(config["init_from"] or config["out_dir"], newest_fallback=default_out)
+        model, tok = load_model(path, config["vocab"], rt.device, rt.dtype)
+        if not config["interactive"] and len(tok.encode(prompt)) == 0:
+            raise UserError('empty prompt; give some text with --start, or --start "[CLS]" to begin a new text')
+        index = None
+        if config["min_copy"] > 0:
+            index, note = copy_index_for(path, tok)
+            print(note, file=sys.stderr)
         engine = Engine(model)
         if rt.compile:
             print("note: compiling the decode step; the first tokens wait for it", file=sys.stderr)
             engine.compile()
         seed = config["seed"] if config["seed"] >= 0 else random.SystemRandom().randrange(2**31)
         if config["interactive"]:
-            interactive_loop(engine, tok, config, seed)
+            interactive_loop(engine, tok, config, seed, index)
         else:
-            run_prompt(engine, tok, prompt, config, seed)
+            run_prompt(engine, tok, prompt, config, seed, index)
     except UserError as e:
         exit_with_error(e)
     except KeyboardInterrupt:
