@@ -112,11 +112,12 @@ def _read_config_file(path: str, defaults: dict, types: dict[str, type]) -> dict
     return settings
 
 
-def _print_help(defaults: dict, aliases: dict[str, str]) -> None:
+def _print_help(defaults: dict, aliases: dict[str, str], positional: str | None = None) -> None:
     main_doc = (getattr(sys.modules.get("__main__"), "__doc__", None) or "").strip()
     if main_doc:
         print(main_doc.splitlines()[0] + "\n")
-    print(f"usage: python {os.path.basename(sys.argv[0])} [config.py ...] [--key=value | --key value | --flag ...]\n")
+    first = f"[{positional}]" if positional else "[config.py ...]"
+    print(f"usage: python {os.path.basename(sys.argv[0])} {first} [--key=value | --key value | --flag ...]\n")
     print("options (default):")
     width = max((len(k) for k in defaults), default=0) + 2
     for key, default in defaults.items():
@@ -145,7 +146,7 @@ def get_config(defaults: dict, argv: list[str] | None = None, aliases: dict[str,
         arg = argv[i]
         i += 1
         if arg in ("-h", "--help"):
-            _print_help(defaults, aliases)
+            _print_help(defaults, aliases, positional)
             raise SystemExit(0)
         if not arg.startswith("--"):
             if arg.startswith("-") and len(arg) > 1:
