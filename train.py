@@ -470,6 +470,27 @@ def log_progress(run: Run, loss: float, lr: float, timed_iters: int, elapsed: fl
     run.log.log(record)
 
 
+def step_surviving_oom(run: Run, x: torch.Tensor, y: torch.Tensor, micro_batch: int) -> tuple[torch.Tensor, int]:
+    """train_step, redone with half the micro-batch (twice the accumulation, so the same rows and tokens per
+    step) whenever the GPU runs out of memory; returns the loss and the micro-batch that fitted."""
+    while True:
+        try:
+            return train_step(run.model, run.optimizers, run.scaler, x, y, micro_batch, run.rt,
+                              run.config["grad_clip"]), micro_batch
+        except torch.cuda.OutOfMemoryError:
+            if micro_batch == 1:
+                raise UserError(f"out of GPU memory at micro-batch 1 (iteration {run.iter_num}); use a smaller "
+                                "model or --block_size, or --dtype=bfloat16") from None
+        for optimizer in run.optimizers:  # the partial step's gradients are thrown away: the step is redone
+            optimizer.zero_grad(set_to_none=True)
+        if run.rt.device_type == "cuda":
+            torch.cuda.empty_cache()
+        micro_batch = (micro_batch + 1) // 2
+        if run.rt.master:
+            print(f"note: out of GPU memory at iteration {run.iter_num}; redoing the step with micro-batch "
+                  f"{micro_batch} ({math.ceil(x.size(0) / micro_batch)} accumulation steps, the same tokens per step)")
+
+
 def train(config: dict) -> dict:
     """Run training as `config` says; returns the final iteration and losses."""
     check_config(config)
@@ -491,8 +512,8 @@ def train(config: dict) -> dict:
                 factor = lr_factor(run.iter_num, config, run.max_iters)
                 set_lr(run.optimizers, factor)
                 x, y = run.next_batch()
-                loss_sum += train_step(run.model, run.optimizers, run.scaler, x, y, micro_batch, rt,
-                                       config["grad_clip"])
+                loss, micro_batch = step_surviving_oom(run, x, y, micro_batch)
+                loss_sum += loss
                 run.iter_num += 1
                 timed_iters += 1
                 at_log = run.iter_num % config["log_interval"] == 0

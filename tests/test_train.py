@@ -310,3 +310,27 @@ def test_patience_says_the_model_memorises_and_early_stop_stops(data_dir, tmp_pa
     assert out.count("starting to memorise") == 1 and "stopping (--early_stop)" in out
     assert result["iter_num"] < 60 and result["iter_num"] == result["best_iter"] + 4
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter_num"] == result["best_iter"]
+
+
+def test_out_of_memory_halves_the_micro_batch_and_loses_no_step(data_dir, tmp_path, monkeypatch, capsys):
+    plain = train.train(tiny_config(data_dir, tmp_path / "plain", max_iters=8, eval_interval=4, dropout=0.0))
+    real_forward, calls = GPT.forward, {"n": 0}
+
+    def forward_that_runs_out(self, idx, targets=None, **kwargs):
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] in (3, 6) and idx.size(0) > 1:  # the GPU is full on these micro-batches
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(self, idx, targets, **kwargs)
+
+    monkeypatch.setattr(GPT, "forward", forward_that_runs_out)
+    result = train.train(tiny_config(data_dir, tmp_path / "oom", max_iters=8, eval_interval=4, dropout=0.0))
+    out = capsys.readouterr().out
+    assert "redoing the step with micro-batch 2 (4 accumulation steps" in out
+    assert "redoing the step with micro-batch 1 (8 accumulation steps" in out
+    assert result["iter_num"] == plain["iter_num"] == 8
+    tokens = [r["tokens"] for r in read_metrics(tmp_path / "oom") if "loss" in r]
+    assert tokens == [r["tokens"] for r in read_metrics(tmp_path / "plain") if "loss" in r]
+    # the same rows in smaller micro-batches: the same gradients, up to float rounding
+    assert result["val_loss"] == pytest.approx(plain["val_loss"], abs=1e-3)
+    assert torch.load(tmp_path / "oom" / "last.pt", weights_only=True)["iter_num"] == 8
