@@ -17,6 +17,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import asyncio
+import contextlib
 import errno
 import ipaddress
 import json
@@ -268,6 +269,8 @@ def create_app(model: torch.nn.Module | Engine, tok: Tokenizer, *, name: str = "
             yield
         finally:
             worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker  # let the worker close its stream on the generation thread before that thread ends
             scheduler.close()
 
     app = FastAPI(title="novelgpt writing page", lifespan=lifespan, docs_url=None, redoc_url=None,

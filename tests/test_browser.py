@@ -68,7 +68,8 @@ def test_write_stream_stop_and_use_this(run: TinyRun, browser: webdriver.Chrome,
         assert first.startswith(PROMPT)
         wait.until(lambda d: len(candidate_text(d)) > len(first) + 10)  # it grows while being written
         assert browser.find_element(By.ID, "state").text == "writing…"
-        assert browser.find_element(By.ID, "rate").text.endswith("tokens/s")
+        # the rate appears once 0.2 s of writing have passed: a fast machine writes 10 characters sooner
+        wait.until(lambda d: d.find_element(By.ID, "rate").text.endswith("tokens/s"))
 
         browser.find_element(By.ID, "stop").click()
         wait.until(lambda d: d.find_element(By.ID, "state").text == "stopped")
