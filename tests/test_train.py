@@ -76,9 +76,11 @@ def test_loss_goes_down_and_checkpoint_is_complete(data_dir, tmp_path):
     assert {"iter", "epoch", "loss", "lr", "ms_per_iter", "tokens_per_s"} <= set(record)
 
 
-def test_sigint_then_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("optimizer,lr_schedule", [("muon", "wsd"), ("adamw", "cosine"), ("muon", "cosine")])
+def test_sigint_then_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path, monkeypatch, optimizer, lr_schedule):
+    recipe = dict(optimizer=optimizer, lr_schedule=lr_schedule)
     straight = tmp_path / "straight"
-    train.train(tiny_config(data_dir, straight))
+    train.train(tiny_config(data_dir, straight, **recipe))
     expected = train_losses(straight)
     assert len(expected) == 30
 
@@ -92,11 +94,11 @@ def test_sigint_then_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path,
         return real_lr_at(it, *args)
 
     monkeypatch.setattr(train, "lr_factor", lr_at_then_interrupt)
-    result = train.train(tiny_config(data_dir, interrupted))
+    result = train.train(tiny_config(data_dir, interrupted, **recipe))
     assert result["stopped"] and result["iter_num"] == 13
     assert torch.load(interrupted / "last.pt", weights_only=True)["iter_num"] == 13
     monkeypatch.setattr(train, "lr_factor", real_lr_at)
-    result = train.train(tiny_config(data_dir, interrupted, init_from="resume"))
+    result = train.train(tiny_config(data_dir, interrupted, init_from="resume", **recipe))
     assert result["iter_num"] == 30 and not result["stopped"]
     assert train_losses(interrupted) == expected  # exactly, dropout included
 
