@@ -103,6 +103,36 @@ def test_sigint_then_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path,
     assert train_losses(interrupted) == expected  # exactly, dropout included
 
 
+def test_time_budget_plans_a_length_that_ends_in_time_and_resume_keeps_it(data_dir, tmp_path, monkeypatch):
+    budget = 10.0
+    config = tiny_config(data_dir, tmp_path, max_iters=100_000, time_budget=budget, eval_interval=25)
+    start = time.time()
+    result = train.train(config)
+    elapsed = time.time() - start
+    # the length came from the clock, not from max_iters (the plan is made after 11 steps); the margin
+    # absorbs a busy machine's jitter
+    assert 11 < result["iter_num"] == result["max_iters"] < 100_000
+    assert elapsed < 1.25 * budget + 2.0
+
+    # interrupted after the plan was made: resume ends at the planned iteration, not a new plan
+    interrupted = tmp_path / "interrupted"
+    real_lr_at = train.lr_factor
+
+    def lr_at_then_interrupt(it, *args):
+        if it == 11:
+            signal.raise_signal(signal.SIGINT)
+        return real_lr_at(it, *args)
+
+    monkeypatch.setattr(train, "lr_factor", lr_at_then_interrupt)
+    first = train.train(dict(config, out_dir=str(interrupted)))
+    assert first["stopped"] and first["iter_num"] == 12
+    monkeypatch.setattr(train, "lr_factor", real_lr_at)
+    planned = torch.load(interrupted / "last.pt", weights_only=True)["max_iters"]
+    assert 12 < planned < 100_000
+    resumed = train.train(dict(config, out_dir=str(interrupted), init_from="resume", time_budget=0.5))
+    assert resumed["iter_num"] == resumed["max_iters"] == planned
+
+
 def test_sigint_from_outside_saves_and_exits_cleanly(data_dir, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "train.py"), "--dataset=tiny", f"--data_dir={data_dir}", f"--out_dir={out}",
