@@ -24,7 +24,7 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from tqdm import tqdm
@@ -369,13 +369,16 @@ def check_options(vocab: str | None, vocab_size: int, val_fraction: float, block
     check_encoding(encoding)
 
 
-def load_corpus(source: Path | None, data_dir: Path, encoding: str) -> tuple[list[str], str, str, str]:
-    """(cleaned documents, sha256 of the input, the input's name for meta.json, encoding description)."""
+def load_corpus(source: Path | None, data_dir: Path, encoding: str,
+                keep_document: Callable[[str], bool] | None = None) -> tuple[list[str], str, str, str]:
+    """(cleaned documents, sha256 of the input, the input's name for meta.json, encoding description);
+    keep_document, if given, chooses among the documents as read (GPT2-Chinese's --min_length)."""
     if source is None:
         text, digest = default_corpus(data_dir / ".downloads")
         docs, source_name, used = [text], f"{DEFAULT_PACKAGE}:{DEFAULT_MEMBER}", "utf-8"
     else:
         docs, digest, encodings = read_documents(source, encoding)
+        docs = [d for d in docs if keep_document is None or keep_document(d)]
         source_name, used = str(source), describe_encodings(encodings)
         if encoding == "auto" and used != "utf-8":
             print(f"read {source} as {used} (detected; --encoding=NAME forces another)")
@@ -387,8 +390,9 @@ def load_corpus(source: Path | None, data_dir: Path, encoding: str) -> tuple[lis
 
 def prepare(source: str | None = None, name: str | None = None, vocab: str | None = None,
             vocab_size: int = DEFAULT_VOCAB_SIZE, val_fraction: float = 0.1, block_size: int = 512,
-            data_dir: str = "data", encoding: str = "auto") -> dict:
-    """Prepare <data_dir>/<name>/ from `source` (None or "": the default corpus); returns the metadata written."""
+            data_dir: str = "data", encoding: str = "auto", keep_document: Callable[[str], bool] | None = None) -> dict:
+    """Prepare <data_dir>/<name>/ from `source` (None or "": the default corpus); returns the metadata written.
+    keep_document: which of the source's documents to use (all when None)."""
     vocab = vocab or None
     check_options(vocab, vocab_size, val_fraction, block_size, encoding)
     source_path = Path(source) if source else None
@@ -405,7 +409,7 @@ def prepare(source: str | None = None, name: str | None = None, vocab: str | Non
     out_dir = root / name
     check_output_folder(out_dir, source_path)  # before the work; write_dataset checks again under the lock
     remove_stale_temps(root)
-    docs, digest, source_name, used = load_corpus(source_path, root, encoding)
+    docs, digest, source_name, used = load_corpus(source_path, root, encoding, keep_document)
     tok = make_tokenizer(docs, vocab, vocab_size)
     train_ids, val_ids = encode_documents(tok, docs, val_fraction)
     for split, ids in (("train", train_ids), ("val", val_ids)):

@@ -27,6 +27,7 @@ from checkpoint import checkpoint_state, read_checkpoint, model_from_checkpoint
 from configurator import UserError, exit_with_error, get_config
 from dataset import Dataset, open_dataset
 from files import FolderLock, atomic_torch_save, remove_stale_temps
+from gpt2chinese import train_command
 from hf import load_hf_gpt2
 from model import GPT, GPTConfig, peak_flops_for
 from optim import lr_factor, make_optimizers, set_lr, train_step
@@ -554,8 +555,15 @@ def check_ranks_in_sync(model: GPT, master: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        result = train(get_config(DEFAULTS, argv, types=TYPES))
+        chinese = train_command(argv, DEFAULTS)  # GPT2-Chinese's train.py flags, mapped onto ours
+        config = get_config(DEFAULTS, chinese.argv if chinese else argv, types=TYPES)
+        if chinese:
+            chinese.check_target(config)
+        result = train(config)
+        if chinese and not result["stopped"] and os.environ.get("RANK", "0") == "0":
+            print(f"exported the best model to {chinese.export(config['out_dir'])} (GPT2-Chinese's final_model)")
     except UserError as e:
         exit_with_error(e)
     except FloatingPointError as e:
