@@ -18,9 +18,13 @@ import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from configurator import UserError
+
+if TYPE_CHECKING:
+    from engine import Engine, SamplingSettings
+    from tokenizer import Tokenizer
 
 SAMPLE_RULE = "=" * 90  # closes a sample in samples.txt
 END_RULE = "=" * 80  # generate.py's last console line
@@ -433,14 +437,15 @@ def is_word(token: str) -> bool:
 
 class TextJoiner:
     """Token strings joined as generate.py joins them: a space between two English word tokens, [MASK] empty,
-    [CLS] a paragraph break, [SEP] a line break, '##' removed, the whole stripped. `add` returns the piece to show
-    now: whitespace is held back until text follows it, so what is shown adds up to `text`."""
+    [CLS] a paragraph break, [SEP] a line break, then every '##' removed and the whole stripped. `add` returns
+    the piece to show now and `flush` the rest at the end: what they show adds up to `text` exactly."""
 
     def __init__(self, wordpiece: bool):
         self.wordpiece = wordpiece  # English spacing only for a BERT vocabulary: ours keeps spaces as tokens
         self.parts: list[str] = []
         self.previous = ""
         self.shown = ""
+        self.hashes = ""  # a trailing run of '#': with the next token's it may make a '##' to remove
         self.held = ""  # whitespace not shown yet: it is dropped if the text ends or has not begun
 
     def add(self, token: str) -> str:
@@ -448,7 +453,18 @@ class TextJoiner:
         rendered = (" " if spaced else "") + RENDERED.get(token, token)
         self.parts.append(rendered)
         self.previous = token
-        piece = self.held + rendered.replace("##", "")
+        raw = self.hashes + rendered
+        head = raw.rstrip("#")
+        self.hashes = raw[len(head):]
+        return self._show(head.replace("##", ""))
+
+    def flush(self) -> str:
+        """The end of the text: a last run of '#' (whitespace after it is stripped, as theirs)."""
+        piece, self.hashes = self.hashes.replace("##", ""), ""
+        return self._show(piece)
+
+    def _show(self, piece: str) -> str:
+        piece = self.held + piece
         if not self.shown:
             piece = piece.lstrip()
         visible = piece.rstrip()
@@ -461,9 +477,14 @@ class TextJoiner:
         return "".join(self.parts).replace("##", "").strip()
 
 
+def header(n: int) -> str:
+    """The line that opens sample n in generate.py's output."""
+    return f"{'=' * 40} SAMPLE {n} {'=' * 40}"
+
+
 def samples_file_text(texts: list[str], first: int = 1) -> str:
     """Samples in the layout of generate.py's samples.txt: header line, text, a rule of 90 '=', a blank line."""
-    return "".join(f"{'=' * 40} SAMPLE {n} {'=' * 40}\n{text}\n{SAMPLE_RULE}\n\n" for n, text in enumerate(texts, first))
+    return "".join(f"{header(n)}\n{text}\n{SAMPLE_RULE}\n\n" for n, text in enumerate(texts, first))
 
 
 def save_samples_file(texts: list[str], folder: str) -> str:
@@ -482,7 +503,7 @@ def save_samples_file(texts: list[str], folder: str) -> str:
     return path
 
 
-def stream_batch(engine, tok, prompt_ids: list[int], settings, rows: int) -> Iterator[tuple[int, int]]:
+def stream_batch(engine: Engine, tok: Tokenizer, prompt_ids: list[int], settings: SamplingSettings, rows: int) -> Iterator[tuple[int, int]]:
     """(row, token id) for each new token of `rows` continuations of prompt_ids, generated as one batch."""
     import torch
 
@@ -500,7 +521,7 @@ def stream_batch(engine, tok, prompt_ids: list[int], settings, rows: int) -> Ite
             yield row, token
 
 
-def generate_samples(engine, tok, prompt: str, settings, batch_size: int,
+def generate_samples(engine: Engine, tok: Tokenizer, prompt: str, settings: SamplingSettings, batch_size: int,
                      write: Callable[[str], None]) -> tuple[list[str], list[list[int]]]:
     """settings.num_samples samples in batches of batch_size, shown as generate.py prints them (the first of
     each batch streamed). Returns the texts (prompt included, as theirs) and each sample's new token ids."""
@@ -515,7 +536,7 @@ def generate_samples(engine, tok, prompt: str, settings, batch_size: int,
         rows = min(batch_size, settings.num_samples - first)
         seed = None if settings.seed is None else settings.seed + first
         joiners = [TextJoiner(wordpiece) for _ in range(rows)]
-        write(f"{'=' * 40} SAMPLE {first + 1} {'=' * 40}\n\n")
+        write(f"{header(first + 1)}\n\n")
         for joiner in joiners:
             for token in prompt_ids:
                 joiner.add(tok.itos[token])
@@ -526,9 +547,9 @@ def generate_samples(engine, tok, prompt: str, settings, batch_size: int,
             piece = joiners[row].add(tok.itos[token])
             if row == 0:
                 write(piece)
-        write("\n")
+        write(joiners[0].flush() + "\n")
         for n, joiner in enumerate(joiners[1:], first + 2):
-            write(f"{'=' * 40} SAMPLE {n} {'=' * 40}\n\n{joiner.text}\n")
+            write(f"{header(n)}\n\n{joiner.text}\n")
         texts += [joiner.text for joiner in joiners]
         new_ids += ids
     write(END_RULE + "\n")
