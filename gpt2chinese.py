@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from configurator import UserError
+from configurator import UserError, get_config
 
 if TYPE_CHECKING:
     from engine import Engine, SamplingSettings
@@ -148,6 +148,17 @@ def given_keys(rest: list[str]) -> set[str]:
     return {a[2:].partition("=")[0] for a in rest if a.startswith("--")}
 
 
+def wants_help(argv: list[str], script: str, flags: dict[str, Flag]) -> bool:
+    """With -h or --help: list GPT2-Chinese's flags and what each does here (our own list follows)."""
+    if "-h" not in argv and "--help" not in argv:
+        return False
+    print(f"GPT2-Chinese's {script} flags work too (--flag value or --flag=value; ours may follow and win):")
+    for name, flag in flags.items():
+        print(f"  --{name:<22} {flag.here}")
+    print()
+    return True
+
+
 def note(message: str) -> None:
     print(f"note: {message}", file=sys.stderr)
 
@@ -159,12 +170,6 @@ class TrainCommand:
     """A GPT2-Chinese train.py command, translated: our argv, and what to do after training."""
     argv: list[str]  # for train.py's get_config
     final_model: Path  # output_dir/final_model: the exported model, written after training
-
-    def check_target(self, config: dict) -> None:
-        """Before training: a final_model already there is replaced only with --overwrite=True."""
-        if self.final_model.exists() and any(self.final_model.iterdir()) and not config["overwrite"]:
-            raise UserError(f"{self.final_model} already holds a model, which this run would replace at its end; "
-                            "move it, or add --overwrite=True")
 
     def export(self, out_dir: str) -> Path:
         """After training: out_dir's best checkpoint as a Hugging Face folder in output_dir/final_model."""
@@ -302,26 +307,26 @@ def iterations(epochs: int, train_tokens: int, stride: int, batch_size: int, acc
     return max(1, math.ceil(epochs * train_tokens / stride / (batch_size * accumulation)))
 
 
-def train_command(argv: list[str], defaults: dict) -> TrainCommand | None:
+def train_command(argv: list[str], defaults: dict, types: dict) -> TrainCommand | None:
     """None when argv holds no GPT2-Chinese-only train.py flag. Otherwise prepare the data if --raw asks,
     and return our argv for their command (their flags first, then the rest of argv, which wins)."""
+    if wants_help(argv, "train.py", TRAIN_FLAGS):
+        return TrainCommand(["--help"], Path())  # our own list follows
     if not has_own_flag(argv, TRAIN_FLAGS, defaults):
         return None
     given, rest = split_flags(argv, TRAIN_FLAGS)
+    own = get_config(defaults, rest, types=types)  # our own options, checked before any work
     if given.get("raw") and "RANK" in os.environ:
         raise UserError("--raw under torchrun would prepare the data once per process: run the command once without "
                         "torchrun first (or prepare.py), then torchrun it without --raw")
-    config_path = given.get("model_config", TRAIN_FLAGS["model_config"].default)
-    if "model_config" in given or Path(config_path).is_file():
-        shape = read_model_config(config_path)
-    else:
-        note(f"no {config_path}: the model takes train.py's default shape (give one with --model_config)")
-        shape = {k: defaults[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "dropout")}
-    if given.get("pretrained_model"):  # from_pretrained keeps the folder's own dropout
-        shape["dropout"] = folder_dropout(given["pretrained_model"], shape["dropout"])
+    final_model = Path(given.get("output_dir", TRAIN_FLAGS["output_dir"].default)) / "final_model"
+    if final_model.is_dir() and any(final_model.iterdir()) and not own["overwrite"]:
+        raise UserError(f"{final_model} already holds a model, which this run would replace at its end; move it, "
+                        "or add --overwrite=True")
+    shape = model_shape(given, defaults)
     vocab = default_vocab(given)
     raw_data_path = given.get("raw_data_path", TRAIN_FLAGS["raw_data_path"].default)
-    if given.get("raw"):
+    if given.get("raw") and own["init_from"] != "resume":  # resume goes on with the data it began with
         meta = prepare_raw(raw_data_path, vocab, shape["block_size"],
                            given.get("min_length", TRAIN_FLAGS["min_length"].default))
     else:
@@ -332,8 +337,20 @@ def train_command(argv: list[str], defaults: dict) -> TrainCommand | None:
     for name in ("tokenized_data_path", "num_pieces", "writer_dir", "fp16_opt_level", "encoder_json", "vocab_bpe"):
         if name in given:
             note(f"--{name}: {TRAIN_FLAGS[name].here}")
-    return TrainCommand(translate_train(given, shape, meta, argv) + rest,
-                        Path(given.get("output_dir", TRAIN_FLAGS["output_dir"].default)) / "final_model")
+    return TrainCommand(translate_train(given, shape, meta, argv) + rest, final_model)
+
+
+def model_shape(given: dict, defaults: dict) -> dict:
+    """n_layer, n_head, n_embd, block_size, dropout (and vocab_size, or None) of --model_config, else train.py's."""
+    config_path = given.get("model_config", TRAIN_FLAGS["model_config"].default)
+    if "model_config" in given or Path(config_path).is_file():
+        shape = read_model_config(config_path)
+    else:
+        note(f"no {config_path}: the model takes train.py's default shape (give one with --model_config)")
+        shape = {k: defaults[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "dropout")}
+    if given.get("pretrained_model"):  # from_pretrained keeps the folder's own dropout
+        shape["dropout"] = folder_dropout(given["pretrained_model"], shape["dropout"])
+    return shape
 
 
 def translate_train(given: dict, shape: dict, meta: dict, argv: list[str]) -> list[str]:
@@ -391,6 +408,8 @@ class GenerateCommand:
 def generate_command(argv: list[str], defaults: dict) -> GenerateCommand | None:
     """None when argv holds no GPT2-Chinese-only generate.py flag; otherwise our argv for their command, with
     their defaults (10 samples of n_ctx tokens, --prefix 萧炎, model/final_model) where nothing says otherwise."""
+    if wants_help(argv, "generate.py", GENERATE_FLAGS):
+        return GenerateCommand(["--help"], 1, False)  # our own list follows
     if not has_own_flag(argv, GENERATE_FLAGS, defaults):
         return None
     given, rest = split_flags(argv, GENERATE_FLAGS)

@@ -557,10 +557,8 @@ def check_ranks_in_sync(model: GPT, master: bool) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        chinese = train_command(argv, DEFAULTS)  # GPT2-Chinese's train.py flags, mapped onto ours
+        chinese = train_command(argv, DEFAULTS, TYPES)  # GPT2-Chinese's train.py flags, mapped onto ours
         config = get_config(DEFAULTS, chinese.argv if chinese else argv, types=TYPES)
-        if chinese:
-            chinese.check_target(config)
         result = train(config)
         if chinese and not result["stopped"] and os.environ.get("RANK", "0") == "0":
             print(f"exported the best model to {chinese.export(config['out_dir'])} (GPT2-Chinese's final_model)")

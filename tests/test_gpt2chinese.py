@@ -245,7 +245,7 @@ def test_train_flags_become_our_settings(trained, monkeypatch):
             "--epochs", "3", "--batch_size", "4", "--gradient_accumulation", "2", "--log_step", "20", "--lr", "2e-4",
             "--warmup_steps", "5", "--stride", "16", "--max_grad_norm", "0.5", "--output_dir", "model2/",
             "--writer_dir", "tb/", "--fp16_opt_level", "O2", "--pretrained_model", "model/final_model", "--seed=9"]
-    command = gpt2chinese.train_command(argv, train_py.DEFAULTS)
+    command = gpt2chinese.train_command(argv, train_py.DEFAULTS, train_py.TYPES)
     config = get_config(train_py.DEFAULTS, command.argv, types=train_py.TYPES)
     meta = json.loads((root / "data" / "train" / "meta.json").read_text(encoding="utf-8"))
     assert config["max_iters"] == math.ceil(3 * meta["train_tokens"] / 16 / (4 * 2))
@@ -254,7 +254,7 @@ def test_train_flags_become_our_settings(trained, monkeypatch):
     assert (config["out_dir"], config["init_from"], config["seed"]) == ("model2/", "model/final_model", 9)
     assert (config["dataset"], config["data_dir"], config["n_layer"], config["block_size"]) == ("train", "data", 1, 32)
     assert command.final_model == Path("model2/final_model")
-    assert gpt2chinese.train_command(["--epochs", "2", "--batch_size", "4"], train_py.DEFAULTS) is None
+    assert gpt2chinese.train_command(["--epochs", "2", "--batch_size", "4"], train_py.DEFAULTS, train_py.TYPES) is None
 
 
 def test_epochs_are_their_step_count():
@@ -298,10 +298,23 @@ def test_vocab_size_mismatch_and_an_existing_final_model_are_refused(trained, tm
     monkeypatch.chdir(root)
     config = json.loads((root / "config" / "model_config_small.json").read_text(encoding="utf-8"))
     (tmp_path / "big.json").write_text(json.dumps(dict(config, vocab_size=13317)), encoding="utf-8")
-    line = error_of(train_py.main, ["--model_config", str(tmp_path / "big.json")], capsys)
+    line = error_of(train_py.main, ["--model_config", str(tmp_path / "big.json"), "--output_dir", "model3/"], capsys)
     assert "vocab_size 13317" in line and str(config["vocab_size"]) in line
     line = error_of(train_py.main, ["--output_dir", "model/", "--epochs", "1"], capsys)
     assert "final_model already holds a model" in line and "--overwrite=True" in line
+    assert not (root / "model3").exists()  # refused before any work
+
+
+def test_help_lists_their_flags(capsys):
+    with pytest.raises(SystemExit) as info:
+        train_py.main(["--raw", "--help"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0 and "--stride" in out and "--max_iters" in out  # theirs, then ours
+    assert all(f"--{name} " in out for name in gpt2chinese.TRAIN_FLAGS)
+    with pytest.raises(SystemExit):
+        sample_py.main(["--help"])
+    out = capsys.readouterr().out
+    assert all(f"--{name} " in out for name in gpt2chinese.GENERATE_FLAGS) and "--max_new_tokens" in out
 
 
 # ------------------------------------------------------------------ fine-tuning keeps the configured dropout
@@ -327,5 +340,6 @@ def test_fine_tuning_keeps_the_configured_dropout(trained, monkeypatch, tmp_path
     for name in os.listdir(folder):
         (pretrained / name).write_bytes((folder / name).read_bytes())
     (pretrained / "config.json").write_text(json.dumps(dict(hf, resid_pdrop=0.2)), encoding="utf-8")
-    command = gpt2chinese.train_command(["--pretrained_model", str(pretrained)], train_py.DEFAULTS)
+    command = gpt2chinese.train_command(["--pretrained_model", str(pretrained), "--output_dir", str(tmp_path)],
+                                       train_py.DEFAULTS, train_py.TYPES)
     assert get_config(train_py.DEFAULTS, command.argv, types=train_py.TYPES)["dropout"] == 0.2
