@@ -280,12 +280,18 @@ def default_vocab(given: dict) -> str:
 
 
 def torchrun_hint(device: str, argv: list[str]) -> str:
-    """The command that trains on the GPUs of --device 0,1 with one process each."""
-    gpus = [d for d in device.split(",") if d.strip()]
-    kept = [a for a in argv if a != "--raw"]
+    """The command that trains on the GPUs of --device 0,1 with one process each (the data prepared already)."""
+    gpus = [d.strip() for d in device.split(",") if d.strip()]
+    kept, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg == "--device":
+            i += 1  # and its value
+        elif arg != "--raw" and not arg.startswith("--device="):
+            kept.append(arg)
     return (f"CUDA_VISIBLE_DEVICES={','.join(gpus)} torchrun --standalone --nproc_per_node={len(gpus)} train.py "
-            + " ".join(shlex.quote(a) for a in kept if not a.startswith("--device")
-                       and a not in (device,)))
+            + " ".join(shlex.quote(a) for a in kept))
 
 
 def device_setting(given: dict, argv: list[str]) -> str | None:
@@ -297,7 +303,8 @@ def device_setting(given: dict, argv: list[str]) -> str | None:
         return "auto"
     if "," in device.strip(","):
         note(f"--device {device}: GPT2-Chinese split each batch over those GPUs (DataParallel); here that is one "
-             f"process per GPU, started by torchrun: {torchrun_hint(device, argv)}  (after one run with --raw). "
+             f"process per GPU, started by torchrun: {torchrun_hint(device, argv)}  (the data prepared once, by a "
+             "run like this one with --raw). "
              f"This process uses GPU {device.split(',')[0]} alone.")
     return device
 
