@@ -331,6 +331,8 @@ def train_command(argv: list[str], defaults: dict, types: dict) -> TrainCommand 
         raise UserError(f"{final_model} already holds a model, which this run would replace at its end; move it, "
                         "or add --overwrite=True")
     shape = model_shape(given, defaults)
+    if "block_size" in given_keys(rest):  # ours, after theirs, wins over n_ctx (a corpus too small for n_ctx)
+        shape["block_size"] = own["block_size"]
     vocab = default_vocab(given)
     raw_data_path = given.get("raw_data_path", TRAIN_FLAGS["raw_data_path"].default)
     if given.get("raw") and own["init_from"] != "resume":  # resume goes on with the data it began with

@@ -255,6 +255,9 @@ def test_train_flags_become_our_settings(trained, monkeypatch):
     assert (config["dataset"], config["data_dir"], config["n_layer"], config["block_size"]) == ("train", "data", 1, 32)
     assert command.final_model == Path("model2/final_model")
     assert gpt2chinese.train_command(["--epochs", "2", "--batch_size", "4"], train_py.DEFAULTS, train_py.TYPES) is None
+    command = gpt2chinese.train_command(["--model_config", "config/model_config_small.json", "--block_size", "16",
+                                         "--output_dir", "model2/"], train_py.DEFAULTS, train_py.TYPES)
+    assert get_config(train_py.DEFAULTS, command.argv, types=train_py.TYPES)["block_size"] == 16
 
 
 def test_epochs_are_their_step_count():
