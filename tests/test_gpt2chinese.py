@@ -244,7 +244,8 @@ def test_train_flags_become_our_settings(trained, monkeypatch):
     argv = ["--model_config", "config/model_config_small.json", "--tokenizer_path=cache/vocab_small.txt",
             "--epochs", "3", "--batch_size", "4", "--gradient_accumulation", "2", "--log_step", "20", "--lr", "2e-4",
             "--warmup_steps", "5", "--stride", "16", "--max_grad_norm", "0.5", "--output_dir", "model2/",
-            "--writer_dir", "tb/", "--fp16_opt_level", "O2", "--pretrained_model", "model/final_model", "--seed=9"]
+            "--writer_dir", "tb/", "--fp16_opt_level", "O2", "--pretrained_model", "model/final_model", "--fp16",
+            "--seed=9"]
     command = gpt2chinese.train_command(argv, train_py.DEFAULTS, train_py.TYPES)
     config = get_config(train_py.DEFAULTS, command.argv, types=train_py.TYPES)
     meta = json.loads((root / "data" / "train" / "meta.json").read_text(encoding="utf-8"))
@@ -254,6 +255,7 @@ def test_train_flags_become_our_settings(trained, monkeypatch):
     assert (config["out_dir"], config["init_from"], config["seed"]) == ("model2/", "model/final_model", 9)
     assert (config["dataset"], config["data_dir"], config["n_layer"], config["block_size"]) == ("train", "data", 1, 32)
     assert command.final_model == Path("model2/final_model")
+    assert config["dtype"] == ("float16" if torch.cuda.is_available() else "auto")  # --fp16 is for GPUs
     assert gpt2chinese.train_command(["--epochs", "2", "--batch_size", "4"], train_py.DEFAULTS, train_py.TYPES) is None
     command = gpt2chinese.train_command(["--model_config", "config/model_config_small.json", "--block_size", "16",
                                          "--output_dir", "model2/"], train_py.DEFAULTS, train_py.TYPES)
