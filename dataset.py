@@ -309,17 +309,18 @@ def split_at_newlines(text: str, size: int) -> list[str]:
 
 
 def encode_documents(tok: Tokenizer, docs: list[str], val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """Encode each document as [MASK] text [CLS]; its last `val_fraction` goes to validation."""
+    """Encode each document as doc_start text doc_end ([MASK] text [CLS], GPT2-Chinese's wrapping, unless the
+    vocabulary says otherwise); its last `val_fraction` goes to validation."""
     total_chars = sum(len(d) for d in docs)
     bar = tqdm(total=total_chars, unit="char", unit_scale=True, desc="tokenizing",
                disable=total_chars < PROGRESS_MIN_CHARS)
     train_parts, val_parts = [], []
     for doc in docs:
-        ids = [np.array([tok.mask_id])]
+        ids = [np.array([tok.bos_id])]
         for chunk in split_at_newlines(doc, 1_000_000):  # chunks end at a newline: no token is cut
             ids.append(tok.encode(chunk))
             bar.update(len(chunk))
-        ids.append(np.array([tok.cls_id]))
+        ids.append(np.array([tok.eos_id]))
         ids = np.concatenate(ids)
         cut = len(ids) - max(1, round(len(ids) * val_fraction))
         # Start validation at a paragraph if one begins soon, so it opens on a whole paragraph.
@@ -465,6 +466,13 @@ class Dataset:
         if device.startswith("cuda"):
             return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
         return x.to(device), y.to(device)
+
+    def prepare_command(self, vocab: str) -> str:
+        """The command that prepares this dataset's text again with the vocabulary file `vocab`."""
+        source, name = self.meta.get("source", ""), self.folder.name
+        if name == DEFAULT_NAME and source.startswith(DEFAULT_PACKAGE):
+            return f"python prepare.py --vocab {vocab}"
+        return f"python prepare.py {source or 'yourfile.txt'} --name {name} --vocab {vocab}"
 
     def fingerprint(self) -> str:
         """A hash of meta.json's bytes and the .bin sizes: it changes whenever the dataset is prepared again."""

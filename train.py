@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import checkpoint_state, read_checkpoint, model_from_checkpoint
+from checkpoint import check_vocab, checkpoint_state, fine_tune_vocab, model_from_checkpoint, read_checkpoint
 from configurator import UserError, exit_with_error, get_config
 from dataset import Dataset, open_dataset
 from files import FolderLock, atomic_torch_save, remove_stale_temps
@@ -135,6 +135,8 @@ def new_model(config: dict, dataset: Dataset) -> GPT:
         model = load_hf_gpt2(config["init_from"], dropout=config["dropout"])
     except (OSError, ValueError) as e:
         raise UserError(f"cannot fine-tune from {config['init_from']}: {e}") from None
+    # the checkpoints carry the folder's tokenizer metadata on; a vocabulary that is not the model's is refused
+    dataset.tokenizer = fine_tune_vocab(config["init_from"], dataset, config.get("vocab", ""))
     if model.config.vocab_size != dataset.tokenizer.vocab_size:
         raise UserError(f"{config['init_from']} has {model.config.vocab_size} tokens but dataset {dataset.folder} "
                         f"has {dataset.tokenizer.vocab_size}; prepare it with --vocab <the model's vocab.txt>")
@@ -157,8 +159,9 @@ def resumed_model(config: dict, dataset: Dataset) -> tuple[GPT, dict]:
         raise UserError(f"{path} was trained with --optimizer={checkpoint['config'].get('optimizer')}; "
                         "resume with the same optimizer")
     model, tok = model_from_checkpoint(checkpoint, path)
-    if tok.itos != dataset.tokenizer.itos:
-        raise UserError(f"{path} was trained on another vocabulary than {dataset.folder}; use its dataset")
+    check_vocab(tok, str(path), dataset.tokenizer, str(dataset.folder),
+                f"resume on the dataset it was trained on (--dataset={checkpoint['config'].get('dataset')})")
+    dataset.tokenizer = tok  # the same tokens; the checkpoint's own metadata (tokenizer_class) goes on
     if checkpoint.get("dataset_fingerprint", dataset.fingerprint()) != dataset.fingerprint():
         raise UserError(f"{dataset.folder} was prepared again since {path} was written; resume needs the same "
                         "data (prepare it as before, or start a new run with --overwrite=True)")
