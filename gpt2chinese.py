@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from configurator import UserError, get_config
+from hf import check_export_target
 
 if TYPE_CHECKING:
     from engine import Engine, SamplingSettings
@@ -330,6 +331,10 @@ def train_command(argv: list[str], defaults: dict, types: dict) -> TrainCommand 
     if final_model.is_dir() and any(final_model.iterdir()) and not own["overwrite"]:
         raise UserError(f"{final_model} already holds a model, which this run would replace at its end; move it, "
                         "or add --overwrite=True")
+    try:
+        check_export_target(final_model)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     shape = model_shape(given, defaults)
     if "block_size" in given_keys(rest):  # ours, after theirs, wins over n_ctx (a corpus too small for n_ctx)
         shape["block_size"] = own["block_size"]
@@ -394,13 +399,13 @@ def translate_train(given: dict, shape: dict, meta: dict, argv: list[str]) -> li
 def export_final_model(out_dir: str, folder: Path) -> Path:
     """Export out_dir's best checkpoint (ckpt.pt) as a Hugging Face folder at output_dir/final_model."""
     from checkpoint import load_model
-    from hf import save_hf_gpt2
+    from hf import export_folder
 
     model, tok = load_model(os.path.join(out_dir, "ckpt.pt"))
-    folder.mkdir(parents=True, exist_ok=True)
-    save_hf_gpt2(model, str(folder), safe_serialization=False)  # pytorch_model.bin: transformers 2.x reads it
-    save_hf_gpt2(model, str(folder))
-    (folder / "vocab.txt").write_text(tok.vocab_file_text(), encoding="utf-8")
+    try:
+        export_folder(model, tok, folder)  # both pytorch_model.bin (transformers 2.x) and model.safetensors
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot export the model to {folder}: {e}") from None
     return folder
 
 
@@ -558,7 +563,7 @@ def generate_samples(engine: Engine, tok: Tokenizer, prompt: str, settings: Samp
     prompt_ids = tok.encode(prompt).tolist()
     if not prompt_ids:
         raise UserError('empty --prefix; give some text, or "[CLS]" to begin a new text')
-    wordpiece = tok.newline_id == tok.sep_id
+    wordpiece = tok.wordpiece
     texts, new_ids = [], []
     for first in range(0, settings.num_samples, batch_size):
         rows = min(batch_size, settings.num_samples - first)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -50,7 +51,7 @@ def articles() -> list[str]:
     out = []
     for a in range(6):
         out.append("\n".join(f"{NAMES[(k + a) % 4]}{VERBS[(k // 3) % 4]}：“今日第{k % 10}回，{NAMES[(k + 1) % 4]}来了。”"
-                             for k in range(120)))
+                             + (" Hello world, playing." if k % 10 == 0 else "") for k in range(120)))
     return out + ["太短了。"]
 
 
@@ -91,6 +92,11 @@ def test_seeds_training_command_prepares_trains_and_exports_final_model(trained)
     vocab = Tokenizer.from_vocab_file(root / "cache" / "vocab_small.txt")
     meta = json.loads((root / "data" / "train" / "meta.json").read_text(encoding="utf-8"))
     assert meta["itos"] == vocab.itos and meta["documents"] == 6  # the short article is left out
+    tokens = np.concatenate([np.fromfile(root / "data" / "train" / f"{split}.bin", dtype=meta["dtype"])
+                             for split in ("train", "val")])
+    # their wrapping ([MASK] article [CLS]), newline as [SEP], English as wordpieces, as their train.py tokenizes
+    assert tokens[0] == vocab.stoi["[MASK]"] and (tokens == vocab.stoi["[CLS]"]).sum() == 6
+    assert vocab.stoi["##ing"] in tokens and vocab.stoi["[SEP]"] in tokens and vocab.unk_id not in tokens
     for line in ("--min_length 128: 1 of 7 article(s)", "--tokenized_data_path: accepted, not needed",
                  "--num_pieces: accepted, not needed",
                  "CUDA_VISIBLE_DEVICES=0,1 torchrun --standalone --nproc_per_node=2 train.py --model_config"):
@@ -109,6 +115,8 @@ def test_seeds_training_command_prepares_trains_and_exports_final_model(trained)
     config = json.loads((final / "config.json").read_text(encoding="utf-8"))
     assert (config["n_ctx"], config["n_layer"], config["vocab_size"]) == (32, 1, vocab.vocab_size)
     assert Tokenizer.from_vocab_file(final / "vocab.txt").itos == vocab.itos
+    assert (config["bos_token_id"], config["eos_token_id"]) == (vocab.stoi["[MASK]"], vocab.stoi["[CLS]"])
+    assert {"tokenizer_config.json", "generation_config.json"} <= set(os.listdir(final))
     exported, _ = load_model(str(final))
     best, _ = load_model(str(root / "model" / "ckpt.pt"))
     ids = torch.tensor([vocab.encode("[MASK]苏落妩媚一笑").tolist()])
