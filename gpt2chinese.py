@@ -5,7 +5,7 @@
     python sample.py --length 1000 --tokenizer_path cache/vocab_small.txt --model_path model/final_model \\
         --prefix "[CLS]苏落妩媚一笑" --topp 1 --save_samples --save_samples_path ./mnt/
 
-train.py and sample.py call `train_command(argv)` / `generate_command(argv)` before parsing their own
+train.py and sample.py call `train_command(argv, ...)` / `generate_command(argv, ...)` before parsing their own
 options; both return None unless argv holds a flag that only GPT2-Chinese has. Our own --key=value options
 may follow theirs and win. TRAIN_FLAGS and GENERATE_FLAGS list every flag of their scripts with what it does here.
 """
@@ -442,7 +442,7 @@ def generate_command(argv: list[str], defaults: dict) -> GenerateCommand | None:
         out.append(f"--max_new_tokens={value['length']}")
     if not ours & {"start"}:
         out.append(f"--start={value['prefix']}")
-    if not ours & {"init_from", "out_dir"}:
+    if "model_path" in given or not ours & {"init_from", "out_dir"}:  # our --init_from, given after, wins
         out.append(f"--init_from={value['model_path']}")
     if not ours & {"vocab"}:
         out.append(f"--vocab={generate_vocab(given, value['model_path'])}")

@@ -243,6 +243,8 @@ def test_generate_flags_and_their_defaults():
     assert command.batch_size == 2 and not command.length_from_model
     config, _ = generate_config(["--prefix", "苏落", "--start", "韩立", "--out_dir", "out-x"])  # ours, given, win
     assert config["start"] == "韩立" and config["out_dir"] == "out-x" and config["init_from"] == ""
+    config, _ = generate_config(["--model_path", "m", "--out_dir", "out-x"])  # a model path given is used
+    assert config["init_from"] == "m"
 
 
 def test_train_flags_become_our_settings(trained, monkeypatch):
