@@ -156,7 +156,7 @@ def wants_help(argv: list[str], script: str, flags: dict[str, Flag]) -> bool:
     print(f"GPT2-Chinese's {script} flags work too (--flag value or --flag=value; ours may follow and win):")
     for name, flag in flags.items():
         print(f"  --{name:<22} {flag.here}")
-    print()
+    print("  (a flag that ours has too, such as --device, means this only beside one that ours has not)\n")
     return True
 
 
