@@ -23,10 +23,11 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import checkpoint_state, read_checkpoint, model_from_checkpoint
+from checkpoint import check_vocab, checkpoint_state, fine_tune_vocab, model_from_checkpoint, read_checkpoint
 from configurator import UserError, exit_with_error, get_config
 from dataset import Dataset, open_dataset
 from files import FolderLock, atomic_torch_save, remove_stale_temps
+from gpt2chinese import train_command
 from hf import load_hf_gpt2
 from model import GPT, GPTConfig, peak_flops_for
 from optim import decay_start, lr_factor, make_optimizers, set_lr, train_step
@@ -137,6 +138,8 @@ def new_model(config: dict, dataset: Dataset) -> GPT:
         model = load_hf_gpt2(config["init_from"], dropout=config["dropout"])
     except (OSError, ValueError) as e:
         raise UserError(f"cannot fine-tune from {config['init_from']}: {e}") from None
+    # the checkpoints carry the folder's tokenizer metadata on; a vocabulary that is not the model's is refused
+    dataset.tokenizer = fine_tune_vocab(config["init_from"], dataset, config.get("vocab", ""))
     if model.config.vocab_size != dataset.tokenizer.vocab_size:
         raise UserError(f"{config['init_from']} has {model.config.vocab_size} tokens but dataset {dataset.folder} "
                         f"has {dataset.tokenizer.vocab_size}; prepare it with --vocab <the model's vocab.txt>")
@@ -159,8 +162,9 @@ def resumed_model(config: dict, dataset: Dataset) -> tuple[GPT, dict]:
         raise UserError(f"{path} was trained with --optimizer={checkpoint['config'].get('optimizer')}; "
                         "resume with the same optimizer")
     model, tok = model_from_checkpoint(checkpoint, path)
-    if tok.itos != dataset.tokenizer.itos:
-        raise UserError(f"{path} was trained on another vocabulary than {dataset.folder}; use its dataset")
+    check_vocab(tok, str(path), dataset.tokenizer, str(dataset.folder),
+                f"resume on the dataset it was trained on (--dataset={checkpoint['config'].get('dataset')})")
+    dataset.tokenizer = tok  # the same tokens; the checkpoint's own metadata (tokenizer_class) goes on
     if checkpoint.get("dataset_fingerprint", dataset.fingerprint()) != dataset.fingerprint():
         raise UserError(f"{dataset.folder} was prepared again since {path} was written; resume needs the same "
                         "data (prepare it as before, or start a new run with --overwrite=True)")
@@ -614,8 +618,13 @@ def check_ranks_in_sync(model: GPT, master: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        result = train(get_config(DEFAULTS, argv, types=TYPES))
+        chinese = train_command(argv, DEFAULTS, TYPES)  # GPT2-Chinese's train.py flags, mapped onto ours
+        config = get_config(DEFAULTS, chinese.argv if chinese else argv, types=TYPES)
+        result = train(config)
+        if chinese and not result["stopped"] and os.environ.get("RANK", "0") == "0":
+            print(f"exported the best model to {chinese.export(config['out_dir'])} (GPT2-Chinese's final_model)")
     except UserError as e:
         exit_with_error(e)
     except FloatingPointError as e:

@@ -182,6 +182,7 @@ def test_epochs_become_iterations(data_dir, tmp_path):
 def test_fine_tune_from_a_gpt2_chinese_folder(data_dir, tmp_path):
     folder = tmp_path / "final_model"
     save_hf_gpt2(GPT(GPTConfig(block_size=64, vocab_size=120, n_layer=1, n_head=2, n_embd=32)), str(folder))
+    (folder / "vocab.txt").write_bytes((data_dir / "tiny" / "vocab.txt").read_bytes())  # the model's vocabulary
     result = train.train(tiny_config(data_dir, tmp_path / "out", init_from=str(folder), max_iters=4))
     assert result["iter_num"] == 4
     assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["model_args"]["block_size"] == 64
