@@ -508,6 +508,7 @@ class LengthPlanner:
     still at its peak (WSD's stable phase), so a machine that slows down or speeds up is followed."""
 
     CALIBRATION_STEPS = 10
+    clock = staticmethod(time.monotonic)  # seconds; tests put a simulated clock here
 
     def __init__(self, run: Run, start: float):
         # a resumed run keeps the length planned when it began, so it ends as the uninterrupted one would
@@ -521,9 +522,16 @@ class LengthPlanner:
         if not self.enabled:
             return
         if self.mark_iter is None:
-            self.mark_iter, self.mark_time, self.eval_in_window = run.iter_num, time.time(), 0.0
+            self.mark_iter, self.mark_time, self.eval_in_window = run.iter_num, self.clock(), 0.0
         elif not self.planned and run.iter_num >= self.mark_iter + self.CALIBRATION_STEPS:
             self.plan(run)
+        elif (self.planned and not run.rt.ddp and run.iter_num < run.max_iters
+              and self.clock() - self.start + self.eval_seconds > self.budget):
+            # the machine slowed down after the last plan: end now rather than late (under torchrun the ranks'
+            # clocks could disagree, so there only the plans, which are shared, decide)
+            if run.rt.master:
+                print(f"time budget {self.budget:.0f} s spent: stopping at iteration {run.iter_num:,} of {run.max_iters:,}")
+            run.max_iters = run.iter_num
 
     def after_eval(self, run: Run, seconds: float) -> None:
         self.eval_seconds = seconds
@@ -533,7 +541,7 @@ class LengthPlanner:
             self.plan(run)
 
     def plan(self, run: Run) -> None:
-        now = time.time()
+        now = self.clock()
         seconds_per_iter = (now - self.mark_time - self.eval_in_window) / max(1, run.iter_num - self.mark_iter)
         left = self.budget - (now - self.start) - self.eval_seconds  # the final evaluation is always made
         per_iter = seconds_per_iter + self.eval_seconds / run.config["eval_interval"]  # evaluations, spread out
@@ -553,7 +561,7 @@ class LengthPlanner:
 def train(config: dict) -> dict:
     """Run training as `config` says; returns the final iteration and losses."""
     check_config(config)
-    start = time.time()
+    start = LengthPlanner.clock()
     rt = init_runtime(config["device"], config["dtype"], config["compile"], seed=config["seed"])
     losses, stopped = {}, False
     try:
@@ -566,10 +574,11 @@ def train(config: dict) -> dict:
             loss_sum, t0, timed_iters = torch.zeros((), device=rt.device), time.time(), 0
             while True:
                 if run.iter_num % config["eval_interval"] == 0 or run.iter_num >= run.max_iters:
-                    eval_start = time.time()
+                    eval_start = planner.clock()
                     losses = evaluate_and_save(run)
-                    planner.after_eval(run, time.time() - eval_start)
-                    t0 += time.time() - eval_start  # evaluation time is not training speed
+                    eval_seconds = planner.clock() - eval_start
+                    planner.after_eval(run, eval_seconds)
+                    t0 += eval_seconds  # evaluation time is not training speed
                 if run.iter_num >= run.max_iters or memorising(run):
                     break
                 factor = lr_factor(run.iter_num, config, run.max_iters)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -103,17 +104,54 @@ def test_sigint_then_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path,
     assert train_losses(interrupted) == expected  # exactly, dropout included
 
 
-def test_time_budget_plans_a_length_that_ends_in_time_and_resume_keeps_it(data_dir, tmp_path, monkeypatch):
-    budget = 10.0
-    config = tiny_config(data_dir, tmp_path, max_iters=100_000, time_budget=budget, eval_interval=25)
-    start = time.time()
-    result = train.train(config)
-    elapsed = time.time() - start
-    # the length came from the clock, not from max_iters (the plan is made after 11 steps); the margin
-    # absorbs a busy machine's jitter
-    assert 11 < result["iter_num"] == result["max_iters"] < 100_000
-    assert elapsed < 1.25 * budget + 2.0
+def simulated_budget_run(monkeypatch, step_seconds: list[float], budget: float = 60.0, setup: float = 10.0,
+                         eval_seconds: float = 2.0) -> tuple[float, SimpleNamespace]:
+    """Drive LengthPlanner as train() does, on a clock that advances by the given step times (the last one
+    repeats) and eval_seconds per evaluation; returns the seconds the run took and the run."""
+    now = [setup]
+    config = dict(train.DEFAULTS, time_budget=budget, eval_interval=50, lr_schedule="wsd", warmup_iters=0)
+    run = SimpleNamespace(config=config, max_iters=100_000, iter_num=0, rt=SimpleNamespace(ddp=False, master=True))
+    monkeypatch.setattr(train.LengthPlanner, "clock", staticmethod(lambda: now[0]))
+    planner = train.LengthPlanner(run, start=0.0)
+    while True:
+        if run.iter_num % config["eval_interval"] == 0 or run.iter_num >= run.max_iters:
+            now[0] += eval_seconds
+            planner.after_eval(run, eval_seconds)
+        if run.iter_num >= run.max_iters:
+            return now[0], run
+        now[0] += step_seconds[min(run.iter_num, len(step_seconds) - 1)]
+        run.iter_num += 1
+        planner.after_step(run)
 
+
+def test_time_budget_plans_a_length_that_fills_the_budget(monkeypatch):
+    # the first step compiles (20 s); then 0.25 s a step
+    seconds, run = simulated_budget_run(monkeypatch, [20.0, 0.25])
+    assert 57.0 <= seconds <= 60.0 and run.max_iters < 100_000
+    # a machine that slows to 0.5 s a step after 40 steps: re-planned at the next evaluation, and stopped when
+    # the budget is spent, within one step of it
+    seconds, slowed = simulated_budget_run(monkeypatch, [20.0] + [0.25] * 40 + [0.5])
+    assert 55.0 <= seconds <= 60.5 and slowed.max_iters < run.max_iters
+    # a budget spent before the first plan ends the run at once, with its final evaluation
+    seconds, late = simulated_budget_run(monkeypatch, [70.0, 0.25])
+    assert late.max_iters == late.iter_num == 11
+
+
+def test_time_budget_is_kept_by_resume(data_dir, tmp_path, monkeypatch):
+    # a simulated clock: 0.125 s per training step (exact in binary), evaluations free, so the plan does not
+    # depend on this machine
+    steps = [0]
+    real_step = train.train_step
+
+    def counted_step(*args, **kwargs):
+        steps[0] += 1
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", counted_step)
+    monkeypatch.setattr(train.LengthPlanner, "clock", staticmethod(lambda: 0.125 * steps[0]))
+    config = tiny_config(data_dir, tmp_path, max_iters=100_000, time_budget=6.0, eval_interval=25)
+    # planned after 11 steps (1.375 s used, 0.125 s a step): 37 more, 48 in all
+    assert train.train(config)["iter_num"] == 48
     # interrupted after the plan was made: resume ends at the planned iteration, not a new plan
     interrupted = tmp_path / "interrupted"
     real_lr_at = train.lr_factor
@@ -128,7 +166,7 @@ def test_time_budget_plans_a_length_that_ends_in_time_and_resume_keeps_it(data_d
     assert first["stopped"] and first["iter_num"] == 12
     monkeypatch.setattr(train, "lr_factor", real_lr_at)
     planned = torch.load(interrupted / "last.pt", weights_only=True)["max_iters"]
-    assert 12 < planned < 100_000
+    assert planned == 48
     resumed = train.train(dict(config, out_dir=str(interrupted), init_from="resume", time_budget=0.5))
     assert resumed["iter_num"] == resumed["max_iters"] == planned
 
