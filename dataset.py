@@ -286,12 +286,18 @@ def count_characters(docs: list[str]) -> Counter:
 
 
 def make_tokenizer(docs: list[str], vocab: str | None, vocab_size: int) -> Tokenizer:
-    """The tokenizer of a vocab file, or one built from the documents' characters."""
+    """The tokenizer of a vocab file (or a model folder's vocab.txt), or one built from the documents' characters."""
     if vocab is None:
         return Tokenizer.build(count_characters(docs), vocab_size)
+    folder = Path(vocab) if Path(vocab).is_dir() else Path(vocab).parent
+    if Path(vocab).is_dir():
+        vocab = str(folder / "vocab.txt")
     if not Path(vocab).is_file():
         raise UserError(f"vocab file {vocab} does not exist")
     try:
+        if (folder / "config.json").is_file():  # a model folder's vocab.txt: its document markers and metadata too
+            from hf import folder_tokenizer  # here: it imports torch, which prepare.py otherwise never needs
+            return folder_tokenizer(str(folder), vocab)
         return Tokenizer.from_vocab_file(vocab)
     except (ValueError, OSError) as e:
         raise UserError(f"{vocab}: {e}") from None

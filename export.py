@@ -42,6 +42,9 @@ def split_arguments(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        print(f"{__doc__.strip()}\n\n{USAGE}\noptions: --format (default both), --vocab (a source folder's vocab.txt)")
+        return
     try:
         bare, options = split_arguments(argv)
         config = get_config(DEFAULTS, options)

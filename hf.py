@@ -100,9 +100,7 @@ def save_hf_gpt2(model: GPT, path: str, safe_serialization: bool = True) -> None
                      n_head=cfg.n_head, n_inner=None, activation_function="gelu_new",
                      layer_norm_epsilon=cfg.layer_norm_epsilon, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
                      attn_pdrop=cfg.dropout, initializer_range=0.02, tie_word_embeddings=True)
-    # lm_head.weight is left out: it is the token embedding, and Hugging Face re-ties it on load
-    state = {k: (v.t() if k.endswith(_CONV1D) else v).detach().cpu().contiguous()
-             for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    state = _export_weights(model)
     os.makedirs(path, exist_ok=True)
     weights_name = "model.safetensors" if safe_serialization else "pytorch_model.bin"
     # write to temporary names and rename, so an interrupted save never leaves a half-written folder

@@ -123,6 +123,7 @@ class Tokenizer:
         self.fingerprint = vocab_fingerprint(self.itos)
         self._lookup = self._build_lookup()
         self._pieces: dict[str, list[int]] = {}  # wordpiece results by word
+        self._bert_class: np.ndarray | None = None  # BERT tables by code point, made on first use
 
     @property
     def vocab_size(self) -> int:
@@ -254,7 +255,7 @@ class Tokenizer:
     def _encode_bert(self, text: str) -> np.ndarray:
         """One span without special tokens, as BERT's tokenizer: vectorized for the characters that stand alone
         (Chinese, punctuation), a Python loop only over the runs of other characters (Latin words, digits)."""
-        if not hasattr(self, "_bert_class"):  # made on first use: a character vocabulary never needs them
+        if self._bert_class is None:  # made on first use: a character vocabulary never needs them
             self._bert_class = np.full(MAX_CODE_POINT, -1, dtype=np.int8)
             self._bert_single = np.full(MAX_CODE_POINT, -1, dtype=np.int64)
             self._alone_ids: dict[int, list[int]] = {}
