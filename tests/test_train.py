@@ -14,7 +14,7 @@ import torch
 
 import dataset
 import train
-from configurator import UserError
+from configurator import UserError, get_config
 from files import atomic_torch_save
 from hf import save_hf_gpt2
 from model import GPT, GPTConfig
@@ -405,3 +405,11 @@ def test_out_of_memory_halves_the_micro_batch_and_loses_no_step(data_dir, tmp_pa
     # the same rows in smaller micro-batches: the same gradients, up to float rounding
     assert result["val_loss"] == pytest.approx(plain["val_loss"], abs=1e-3)
     assert torch.load(tmp_path / "oom" / "last.pt", weights_only=True)["iter_num"] == 8
+
+
+@pytest.mark.parametrize("name", ["novel_cpu", "novel_small"])
+def test_shipped_configs_are_valid(name):
+    config = get_config(train.DEFAULTS, [str(ROOT / "config" / f"{name}.py")], types=train.TYPES)
+    train.check_config(config)
+    assert config["optimizer"] == "muon" and config["lr_schedule"] == "wsd"
+    assert config["early_stop"] and config["patience"] > 0 and config["epochs"] <= 6
