@@ -20,6 +20,7 @@ import torch
 from configurator import UserError
 from hf import folder_tokenizer, load_hf_gpt2
 from model import GPT
+from quant import apply_quantization, check_quantize_mode
 from tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -153,9 +154,11 @@ def resolve_source(source: str, newest_fallback: bool = False) -> str:
 
 
 def load_model(source: str, vocab: str = "", device: str = "cpu", dtype: torch.dtype = torch.float32,
-               newest_fallback: bool = False) -> tuple[GPT, Tokenizer]:
+               newest_fallback: bool = False, quantize: str = "none") -> tuple[GPT, Tokenizer]:
     """The model and tokenizer of a run folder (its ckpt.pt), a .pt file, or a HF / GPT2-Chinese folder,
-    in eval mode on device. vocab: the vocab.txt of a folder without one; for a .pt it must match."""
+    in eval mode on device. vocab: the vocab.txt of a folder without one; for a .pt it must match.
+    quantize: "none", or "int8" for int8 weights in the blocks and the LM head (quant.py, CPU only)."""
+    check_quantize_mode(quantize, str(device))  # before the slow part
     path = resolve_source(source, newest_fallback)
     if os.path.isdir(path):
         model, tok = _load_hf_folder(path, vocab)
@@ -164,4 +167,4 @@ def load_model(source: str, vocab: str = "", device: str = "cpu", dtype: torch.d
         if vocab:
             check_vocab(tok, path, vocab_from_file(vocab), vocab,
                         "leave --vocab out: the checkpoint carries its own vocabulary")
-    return model.eval().to(device=device, dtype=dtype), tok
+    return apply_quantization(model.eval().to(device=device, dtype=dtype), quantize), tok

@@ -76,6 +76,7 @@ DEFAULTS = dict(
     copy_check=True,  # False: no copy check (no index is built)
     device="auto",  # auto, cpu, cuda, cuda:1, mps, or a GPU index such as 0 or 1
     dtype="auto",  # auto, float32, bfloat16, float16
+    quantize="none",  # int8: int8 weights with per-channel scales, about 2x faster decoding on a CPU
     compile=None,  # torch.compile the one-token decode step; None: auto (on for CUDA on Linux)
 )
 ALIASES = dict(length="max_new_tokens", nsamples="num_samples", topk="top_k", topp="top_p",
@@ -391,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
         rt = init_runtime(config["device"], config["dtype"], config["compile"])
         default_out = not config["init_from"] and config["out_dir"] == DEFAULTS["out_dir"]
         path = resolve_source(config["init_from"] or config["out_dir"], newest_fallback=default_out)
-        model, tok = load_model(path, config["vocab"], rt.device, rt.dtype)
+        model, tok = load_model(path, config["vocab"], rt.device, rt.dtype, quantize=config["quantize"])
         engine = Engine(model)
         if rt.compile:
             print("note: compiling the decode step; the first request waits for it", file=sys.stderr)
