@@ -129,6 +129,7 @@ class Engine:
         banned = torch.tensor(list(banned_ids), dtype=torch.long, device=device)
         stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
+        self.cache.limit = window.size(1)  # eager passes read only the filled slots
         logits = self._forward(window, torch.arange(window.size(1), device=device))  # prefill: one pass
         for step in range(max_new_tokens):
             token = sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty, banned, generator)
@@ -141,8 +142,11 @@ class Engine:
             window = torch.cat([window, token[:, None]], dim=1)
             if n_cached == block_size:  # no free slot: keep the recent half and rebuild the cache
                 window = window[:, -max(1, block_size // 2):]
+                self.cache.limit = window.size(1)
                 logits = self._forward(window, torch.arange(window.size(1), device=device))
             else:
+                # the compiled graph reads every slot (masked), so it serves every position unchanged
+                self.cache.limit = None if self.compiled else n_cached + 1
                 logits = self._step(token[:, None], torch.tensor([n_cached], device=device))
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:

@@ -38,6 +38,9 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.slots = torch.arange(config.block_size, device=device)  # (S,)
+        # Slots attention reads. None: all of them, masked past each query, for one compiled graph; an eager
+        # step sets the filled length, as reading all 512 slots cost a CPU more than the weights (int8).
+        self.limit: int | None = None
         if self.k.is_cuda:  # fixed addresses let CUDA graphs keep the cache in place instead of copying it
             for t in (self.k, self.v, self.slots):
                 torch._dynamo.mark_static_address(t)
@@ -48,10 +51,13 @@ class KVCache:
 
     def update(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, n_head, T, hs) at slots pos (T,); return the layer's whole cache (B, n_head, S, hs)."""
+        """Write k, v (B, n_head, T, hs) at slots pos (T,); return the layer's cache (B, n_head, S, hs), its
+        first `limit` slots when limit is set."""
         keys, values = self.k[layer], self.v[layer]
         keys.index_copy_(2, pos, k.to(keys.dtype))
         values.index_copy_(2, pos, v.to(values.dtype))
+        if self.limit is not None:
+            return keys[:, :, :self.limit], values[:, :, :self.limit]
         return keys, values
 
 
@@ -79,7 +85,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         else:
             keys, values = cache.update(layer, pos, k, v)  # (B, nh, S, hs)
-            visible = cache.slots[None, :] <= pos[:, None]  # (T, S)
+            visible = cache.slots[None, :keys.size(2)] <= pos[:, None]  # (T, S)
             # Written out: for a single bf16 query the fused CPU kernel is several times slower than this.
             att = (q @ keys.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, T, S)
             att = att.masked_fill(~visible, float("-inf")).float().softmax(dim=-1)
