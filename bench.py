@@ -12,6 +12,7 @@ Timings on a shared machine are noisy: run it on an idle one for figures to quot
 
 import math
 import os
+import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -23,6 +24,7 @@ import torch
 
 from engine import Engine
 from model import GPT, GPTConfig
+from quant import quantize_int8
 from runtime import cpu_has_bf16, init_runtime
 from tokenizer import DEFAULT_VOCAB_SIZE
 import train
@@ -98,16 +100,21 @@ def bench_train_step(argv: list[str]) -> None:
 
 # ------------------------------------------------------------------ decoding
 
-def memory_bandwidth() -> float:
-    """Bytes/s of a large tensor copy (read + write), the ceiling for a memory-bound decode step."""
-    src = torch.empty(256 * 2**20 // 4, dtype=torch.float32)
-    dst = torch.empty_like(src)
-    seconds = seconds_per_call(lambda: dst.copy_(src), 2, 5)
-    return 2 * src.numel() * src.element_size() / seconds
+def read_bandwidth() -> float:
+    """Bytes/s of summing a 512 MB fp32 tensor: reads only, as a decode step reads its weights."""
+    data = torch.ones(512 * 2**20 // 4)
+    return data.numel() * data.element_size() / seconds_per_call(data.sum, 2, 5)
 
 
-def decode_ms_per_token(generate_fn: Callable[[int], object], new_tokens: int) -> float:
-    """ms per new token of generate_fn(new_tokens), with the prompt's cost measured apart and taken off."""
+def bytes_per_step(model: torch.nn.Module) -> int:
+    """Weight bytes one decode step reads: every block and the head, not the embeddings' one looked-up row."""
+    tied = model.lm_head.weight is model.transformer.wte.weight
+    return sum(p.numel() * p.element_size() for name, p in model.named_parameters()  # a tied weight once
+               if name != "transformer.wpe.weight" and (tied or name != "transformer.wte.weight"))
+
+
+def decode_ms_per_step(generate_fn: Callable[[int], object], new_tokens: int) -> float:
+    """ms per step of generate_fn(new_tokens), with the prompt's cost measured apart and taken off."""
     def seconds(n: int) -> float:
         start = time.perf_counter()
         generate_fn(n)
@@ -120,52 +127,115 @@ def decode_ms_per_token(generate_fn: Callable[[int], object], new_tokens: int) -
     return (seconds(new_tokens) - prompt_s) / (new_tokens - 1) * 1e3
 
 
-def bench_decode(argv: list[str]) -> None:
-    """ms/token for 1,000 new tokens from a 32-token prompt, ours vs transformers with its KV cache."""
-    config, new_tokens, prompt_len = USERS_MODEL, 1000, 32
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    fast_dtype = torch.bfloat16 if device == "cuda" or cpu_has_bf16() else torch.float32
+def decode_models(config: GPTConfig, device: str) -> dict[str, Callable[[], torch.nn.Module]]:
+    """Builders of the models bench_decode times, by name: ours in fp32, bf16 and int8 (on a CPU) with the
+    same random weights, and transformers' GPT-2 in fp32."""
     torch.manual_seed(0)
-    reference = hf_gpt2(config).eval().to(device)
-    ours = GPT(config).eval().to(device)
-    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())  # the tied head counted once
-    print(f"decode: {device}, {config.n_layer} layers x {config.n_embd}, sampling top_k 40, ms per step "
-          f"(one new token in every row); transformers in fp32 with its KV cache, timed over "
-          f"{config.block_size - prompt_len} tokens (its cache cannot go past n_positions), ours over {new_tokens}")
+    weights = GPT(config).state_dict()
+
+    def ours(dtype: torch.dtype, int8: bool = False) -> Callable[[], torch.nn.Module]:
+        def build() -> torch.nn.Module:
+            model = GPT(config)
+            model.load_state_dict(weights)
+            model = model.eval().to(device=device, dtype=dtype)
+            return quantize_int8(model) if int8 else model
+        return build
+
+    models = {"ours fp32": ours(torch.float32), "ours bf16": ours(torch.bfloat16)}
     if device == "cpu":
-        bandwidth = memory_bandwidth()
-        print(f"  floor: {weight_bytes / 1e6:.0f} MB of fp32 weights per token / {bandwidth / 1e9:.1f} GB/s "
-              f"(tensor copy) = {weight_bytes / bandwidth * 1e3:.1f} ms/token; bf16 weights: "
-              f"{weight_bytes / 2 / bandwidth * 1e3:.1f} ms/token")
+        models["ours int8"] = ours(torch.float32, int8=True)
+    models["transformers fp32"] = lambda: hf_gpt2(config).eval().to(device)
+    return models
 
-    for batch_size in (1, 10):
-        prompt = torch.randint(0, config.vocab_size, (batch_size, prompt_len), device=device)
 
-        def ours_generate(n: int) -> None:
+def time_decode(model: torch.nn.Module, batch_size: int, prompt_len: int, new_tokens: int) -> float:
+    """ms per decode step (one new token in every row) of ours through Engine, or of transformers' generate
+    with its KV cache; sampling top_k 40."""
+    device = next(model.parameters()).device
+    prompt = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), device=device)
+    if isinstance(model, GPT):
+        engine = Engine(model)
+
+        def generate(n: int) -> None:
             for _ in engine.stream(prompt, n, temperature=1.0, top_k=40):
                 pass
+    else:
+        def generate(n: int) -> None:
+            model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=True,
+                           top_k=40, pad_token_id=0)
+    return decode_ms_per_step(generate, new_tokens)
 
-        def reference_generate(n: int) -> None:
-            reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=True,
-                               top_k=40, pad_token_id=0)
 
-        def report(name: str, ms: float) -> None:
-            seconds_per_1000_chars = ms / (batch_size * CHARS_PER_TOKEN)  # each step adds batch_size tokens
-            print(f"  batch {batch_size:2d} {name:42s} {ms:6.1f} ms/step, {seconds_per_1000_chars:5.1f} s per 1,000 "
-                  f"characters, {ref_ms / ms:4.2f}x transformers")
-
-        ref_ms = decode_ms_per_token(reference_generate, config.block_size - prompt_len)
-        report("transformers fp32", ref_ms)
-        engine = Engine(ours.to(torch.float32))
-        report("ours fp32", decode_ms_per_token(ours_generate, new_tokens))
-        engine = Engine(ours.to(fast_dtype))
-        name = f"ours {str(fast_dtype).removeprefix('torch.')}"
-        report(name, decode_ms_per_token(ours_generate, new_tokens))
-        engine.compile()
-        mode = "CUDA graphs" if device == "cuda" else "frozen weights"
-        report(f"{name}, compiled ({mode})", decode_ms_per_token(ours_generate, new_tokens))
+def bench_decode(argv: list[str]) -> None:
+    """Our users' model at batch 1 and 8: ms per step and per token, the ratio to the bandwidth floor and the
+    seconds per 1,000 characters, ours in fp32, bf16 and int8 beside transformers' GPT-2 in fp32.
+    --tokens=N: new tokens timed per row (default 200); --busy: also batch 1 next to a busy process."""
+    options = dict(arg.removeprefix("--").split("=", 1) if "=" in arg else (arg.removeprefix("--"), "1")
+                   for arg in argv)
+    config, prompt_len = USERS_MODEL, 32
+    new_tokens = min(int(options.get("tokens", 200)), config.block_size - prompt_len)  # transformers' limit
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bandwidth = read_bandwidth() if device == "cpu" else float("nan")
+    print(f"decode: {device} ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}), {config.n_layer} layers x "
+          f"{config.n_embd}, vocabulary {config.vocab_size}; {new_tokens} new tokens after a {prompt_len}-token "
+          f"prompt, top_k 40; floor = weight bytes per step / {bandwidth / 1e9:.1f} GB/s (sum of a 512 MB tensor)")
+    print(f"  {'':20s} {'batch':>5s} {'ms/step':>8s} {'ms/token':>8s} {'floor ms':>8s} {'x floor':>7s} "
+          f"{'s/1k chars':>10s}")
+    for name, build in decode_models(config, device).items():
+        model = build()
+        floor_ms = bytes_per_step(model) / bandwidth * 1e3  # transformers: the same layout and names
+        for batch_size in (1, 8):
+            ms = time_decode(model, batch_size, prompt_len, new_tokens)
+            per_token = ms / batch_size
+            print(f"  {name:20s} {batch_size:5d} {ms:8.1f} {per_token:8.2f} {floor_ms:8.1f} {ms / floor_ms:7.2f} "
+                  f"{per_token / CHARS_PER_TOKEN:10.1f}", flush=True)
+        del model
     if device == "cpu":
-        print("  target (CPU, batch 1): <= 20 ms/token")
+        print("  targets (CPU, batch 1): int8 <= 8 ms/token, bf16 <= 11 ms/token; batch 8 >= 5x the tokens/s")
+    if "busy" in options:
+        bench_decode_busy(prompt_len, new_tokens)
+
+
+def decode_in_child(variant: str, threads: int, wait_policy: str | None, prompt_len: int, new_tokens: int
+                    ) -> tuple[float, int]:
+    """(ms per step, threads) at batch 1 of `ours <variant>` in a fresh process, as OpenMP reads its wait
+    policy (None: unset, OpenMP's default) once, when torch loads; threads 0: runtime.decode_threads()."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    if wait_policy:
+        env["OMP_WAIT_POLICY"] = wait_policy
+    code = (f"import torch, bench, runtime; torch.set_num_threads({threads} or runtime.decode_threads()); "
+            f"model = bench.decode_models(bench.USERS_MODEL, 'cpu')['ours {variant}'](); "
+            f"print(bench.time_decode(model, 1, {prompt_len}, {new_tokens}), torch.get_num_threads())")
+    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=Path(__file__).resolve().parent,
+                            capture_output=True, text=True, check=True)
+    ms, threads_used = result.stdout.split()[-2:]
+    return float(ms), int(threads_used)
+
+
+def bench_decode_busy(prompt_len: int, new_tokens: int) -> None:
+    """Batch 1 on an idle CPU and next to one process that keeps a core busy: torch's default threads with
+    OpenMP's default and passive wait policies, against sample.py's passive wait and decode_threads()."""
+    cores = os.cpu_count() or 1
+    settings = [(f"{cores} threads, wait policy unset (torch's default)", cores, None),
+                (f"{cores} threads, passive wait", cores, "PASSIVE"),
+                ("decode_threads(), passive wait (sample.py, serve.py)", 0, "PASSIVE")]
+    print(f"decode beside a busy process: ours at batch 1, {new_tokens} new tokens, each in a fresh process; "
+          f"busy = `python -c 'while True: pass'`; load average now {os.getloadavg()[0]:.1f}")
+    for variant in ("int8", "fp32"):
+        for label, threads, policy in settings:
+            idle_ms, idle_threads = decode_in_child(variant, threads, policy, prompt_len, new_tokens)
+            busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            try:
+                time.sleep(0.5)  # running before decode_threads looks
+                busy_ms, busy_threads = decode_in_child(variant, threads, policy, prompt_len, new_tokens)
+            finally:
+                busy.kill()
+                busy.wait()
+            print(f"  ours {variant} {label:52s} idle {idle_ms:6.1f} ms/token ({idle_threads} threads), "
+                  f"busy {busy_ms:6.1f} ms/token ({busy_threads}): {100 * idle_ms / busy_ms:3.0f}% of the idle "
+                  "speed", flush=True)
+    print("  target: next to one busy process, at least 40% of the idle speed")
 
 
 def bench_tokenize(argv: list[str]) -> None:

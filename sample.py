@@ -29,7 +29,7 @@ from configurator import UserError, exit_with_error, get_config
 from copycheck import CopyIndex, copy_index_for, copy_summary
 from engine import Engine, SamplingSettings
 from gpt2chinese import generate_command, generate_samples, save_samples_file
-from runtime import init_runtime
+from runtime import init_runtime, use_decode_threads
 from tokenizer import Tokenizer
 
 TYPES = dict(compile=bool)  # keys whose default None means auto
@@ -232,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"--{e}") from None
         prompt = read_prompt(config["start"])
         rt = init_runtime(config["device"], config["dtype"], config["compile"])
+        use_decode_threads(rt.device_type)  # fewer threads beside busy processes
         default_out = not config["init_from"] and config["out_dir"] == DEFAULTS["out_dir"]
         path = resolve_source(config["init_from"] or config["out_dir"], newest_fallback=default_out)
         model, tok = load_model(path, config["vocab"], rt.device, rt.dtype, quantize=config["quantize"])

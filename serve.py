@@ -45,7 +45,7 @@ from checkpoint import load_model, resolve_source
 from configurator import UserError, exit_with_error, get_config
 from copycheck import DEFAULT_MIN_COPY, GRAM, CopyIndex, copy_index_for, find_copies
 from engine import Engine, SamplingSettings
-from runtime import init_runtime
+from runtime import init_runtime, use_decode_threads
 from tokenizer import Tokenizer
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -390,6 +390,7 @@ def main(argv: list[str] | None = None) -> None:
         config = get_config(DEFAULTS, argv, ALIASES, types=TYPES)
         defaults = check_config(config)
         rt = init_runtime(config["device"], config["dtype"], config["compile"])
+        use_decode_threads(rt.device_type)  # fewer threads beside busy processes
         default_out = not config["init_from"] and config["out_dir"] == DEFAULTS["out_dir"]
         path = resolve_source(config["init_from"] or config["out_dir"], newest_fallback=default_out)
         model, tok = load_model(path, config["vocab"], rt.device, rt.dtype, quantize=config["quantize"])
