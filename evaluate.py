@@ -325,6 +325,7 @@ DEFAULTS = dict(
     baseline=False,  # also print the Kneser-Ney trigram and modified Kneser-Ney 5-gram of the dataset
     device="auto",
     dtype="float32",  # the scoring precision; float32 is exact, bfloat16 faster where the CPU computes it natively
+    quantize="none",  # int8: score the model with int8 weights, as sample.py --quantize=int8 decodes (CPU)
 )
 
 
@@ -333,7 +334,7 @@ def evaluate(config: dict) -> dict[str, float]:
     rt = init_runtime(config["device"], config["dtype"], compile=False)
     source = config["init_from"] or config["out_dir"]
     path = resolve_source(source)
-    model, tok = load_model(path, config["vocab"], rt.device)
+    model, tok = load_model(path, config["vocab"], rt.device, quantize=config["quantize"])
     trained_on = read_checkpoint(path).get("config", {}) if path.endswith(".pt") else {}
     name = config["dataset"] or trained_on.get("dataset", "")
     data_dir = config["data_dir"] or trained_on.get("data_dir", "data")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import evaluate as evaluate_py
 import sample as sample_py
 import serve as serve_py
 from checkpoint import load_model
@@ -156,3 +157,12 @@ def test_quantize_checks_the_mode_and_the_device():
         check_quantize_mode("fp8", "cpu")
     with pytest.raises(UserError, match="for decoding on a CPU"):
         load_model("/nonexistent/ckpt.pt", device="mps", quantize="int8")  # before it looks for the file
+
+
+def test_evaluate_py_scores_the_int8_model(trained, capsys):
+    out, val_ids = trained
+    config = dict(evaluate_py.DEFAULTS, out_dir=str(out), device="cpu", context=16)
+    losses = {mode: evaluate_py.evaluate(dict(config, quantize=mode))["model"] for mode in ("none", "int8")}
+    assert losses["none"] == pytest.approx(whole_split_loss(load_model(str(out))[0], val_ids, context=16))
+    assert losses["none"] != losses["int8"] and abs(losses["int8"] - losses["none"]) < 0.01
+    assert "val split" in capsys.readouterr().out
