@@ -48,7 +48,7 @@ DEFAULTS = dict(
     seed=-1,  # -1 = a new random seed each run (printed, to repeat a run)
     device="auto",  # auto, cpu, cuda, cuda:1, mps, or a GPU index such as 0 or 1
     dtype="auto",  # auto, float32, bfloat16, float16
-    quantize="none",  # int8: int8 weights with per-channel scales, about 2x faster decoding on a CPU
+    quantize="none",  # int8: int8 weights with per-channel scales; on a CPU 1.8x faster decoding than float32
     compile=None,  # torch.compile the one-token decode step; None: auto (on for CUDA on Linux), or True/False
     save_samples=False,  # also write the samples to a new file in save_samples_path
     save_samples_path="samples",

@@ -76,7 +76,7 @@ DEFAULTS = dict(
     copy_check=True,  # False: no copy check (no index is built)
     device="auto",  # auto, cpu, cuda, cuda:1, mps, or a GPU index such as 0 or 1
     dtype="auto",  # auto, float32, bfloat16, float16
-    quantize="none",  # int8: int8 weights with per-channel scales, about 2x faster decoding on a CPU
+    quantize="none",  # int8: int8 weights with per-channel scales; on a CPU 1.8x faster decoding than float32
     compile=None,  # torch.compile the one-token decode step; None: auto (on for CUDA on Linux)
 )
 ALIASES = dict(length="max_new_tokens", nsamples="num_samples", topk="top_k", topp="top_p",
