@@ -28,6 +28,7 @@ from configurator import UserError, exit_with_error, get_config
 from dataset import Dataset, open_dataset
 from files import FolderLock, atomic_torch_save, remove_stale_temps
 from hf import load_hf_gpt2
+from memory import estimate_report, plan_memory
 from model import GPT, GPTConfig, peak_flops_for
 from optim import lr_factor, make_optimizers, set_lr, train_step
 from runtime import Runtime, init_runtime
@@ -50,6 +51,7 @@ DEFAULTS = dict(
     # batch: tokens per optimizer step = batch_size * block_size * gradient_accumulation_steps
     batch_size=8,
     gradient_accumulation_steps=4,  # in total, divided among the processes under torchrun
+    gpu_memory="",  # 'auto' (free GPU memory) or a size ('8GB'): the largest micro-batch that fits, same tokens/step
     # length: max_iters if it is above 0, else epochs over the training tokens
     max_iters=0,
     epochs=15.0,
@@ -86,6 +88,7 @@ DEFAULTS = dict(
     compile=None,  # None: auto (on for CUDA on Linux); True or False to force
     peak_flops=0.0,  # the GPU's dense bf16 peak FLOP/s for MFU; 0: look it up by GPU name
     seed=1337,
+    estimate_memory=False,  # print the memory this run needs (no GPU or dataset needed) and exit
 )
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")  # fixed once a model exists
 
@@ -495,6 +498,7 @@ def train(config: dict) -> dict:
     """Run training as `config` says; returns the final iteration and losses."""
     check_config(config)
     rt = init_runtime(config["device"], config["dtype"], config["compile"], seed=config["seed"])
+    config = plan_memory(config, rt)
     losses, stopped = {}, False
     try:
         with ExitStack() as stack:
@@ -555,7 +559,12 @@ def check_ranks_in_sync(model: GPT, master: bool) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        result = train(get_config(DEFAULTS, argv, types=TYPES))
+        config = get_config(DEFAULTS, argv, types=TYPES)
+        if config["estimate_memory"]:
+            check_config(config)
+            print(estimate_report(config))
+            return
+        result = train(config)
     except UserError as e:
         exit_with_error(e)
     except FloatingPointError as e:
