@@ -257,8 +257,8 @@ def gpu_steps(config: dict, rt: Runtime, compiled: bool, batches: Callable[[int]
     model = GPT(GPTConfig(block_size=config["block_size"], vocab_size=config["vocab_size"],
                           n_layer=config["n_layer"], n_head=config["n_head"], n_embd=config["n_embd"],
                           dropout=config["dropout"], bias=config["bias"])).to(rt.device)
-    optimizers = make_optimizers(model, config, "cuda")
-    scaler = torch.amp.GradScaler("cuda", enabled=rt.dtype == torch.float16)
+    optimizers = make_optimizers(model, config, rt.device_type)
+    scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)
     step_model = torch.compile(model) if compiled else model
     rows = config["batch_size"] * config["gradient_accumulation_steps"]
 
@@ -296,7 +296,7 @@ def sample_seconds(model: GPT, dtype: torch.dtype, compiled: bool, chars: int = 
     engine = Engine(model.to(dtype).eval())
     if compiled:
         engine.compile()
-    prompt = torch.randint(0, model.config.vocab_size, (1, 16), device="cuda")
+    prompt = torch.randint(0, model.config.vocab_size, (1, 16), device=model.lm_head.weight.device)
     new_tokens = round(chars / CHARS_PER_TOKEN)
     for _ in range(2):  # the first call compiles and warms up; the second is timed
         torch.cuda.synchronize()
@@ -354,10 +354,10 @@ def bench_gpu(argv: list[str]) -> int:
     config["vocab_size"] = memory.vocab_size_of(config)
     meta_path = Path(config["data_dir"]) / config["dataset"] / "meta.json"
     train_tokens = json.loads(meta_path.read_text(encoding="utf-8"))["train_tokens"] if meta_path.exists() else 0
-    generator = torch.Generator(device="cuda").manual_seed(0)
+    generator = torch.Generator(device=rt.device).manual_seed(0)
 
     def batches(rows: int) -> tuple[torch.Tensor, torch.Tensor]:  # random tokens: the speed does not depend on them
-        data = torch.randint(0, config["vocab_size"], (rows, config["block_size"] + 1), device="cuda",
+        data = torch.randint(0, config["vocab_size"], (rows, config["block_size"] + 1), device=rt.device,
                              generator=generator)
         return data[:, :-1], data[:, 1:]
 

@@ -155,16 +155,15 @@ def head_activations(config: dict, vocab_size: int, micro_batch: int, device_typ
 
 
 def loss_peak(config: dict, vocab_size: int, micro_batch: int, dtype: str, compiled: bool) -> int:
-    """Bytes of the logits' transient copies at the worst moment, beyond what is saved for backward.
+    """Bytes of the logits' transient copies at the worst moment (the start of backward), beyond what is saved.
 
-    Eager: backward through nll_loss and log_softmax holds a float32 gradient of the log-probabilities
-    and one of the logits at once (2 x N x V x 4). Compiled: the fused cross-entropy's backward writes
-    the logits' gradient once, in float32, before the LM head casts it."""
+    Eager: backward through nll_loss and log_softmax holds a float32 gradient of the log-probabilities and
+    one of the logits at once: 2 x N x V x 4. Compiled, the fused cross-entropy's backward holds two
+    buffers of N x V in the compute dtype. Both measured on the CPU (see the module's docstring)."""
     N, V = micro_batch * config["block_size"], vocab_size
-    a = 2 if dtype in LOW_PRECISION else 4
     if compiled:
-        return N * V * (4 + (a if a != 4 else 0))
-    return N * V * 8
+        return 2 * N * V * (2 if dtype in LOW_PRECISION else 4)
+    return 2 * N * V * 4
 
 
 def step_peak(counts: dict[str, int]) -> int:
