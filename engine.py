@@ -164,7 +164,7 @@ class Engine:
         generator = torch.Generator(device=device)
         if settings.seed is not None:
             generator.manual_seed(settings.seed)
-        stop_ids = [] if settings.ignore_eos else [tok.cls_id]
+        stop_ids = [] if settings.ignore_eos else [tok.eos_id]
         steps = self.stream(idx, settings.max_new_tokens, temperature=settings.temperature,
                             top_k=settings.top_k or None, top_p=settings.top_p if settings.top_p < 1 else None,
                             repetition_penalty=settings.repetition_penalty,

@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from checkpoint import load_model, read_checkpoint, resolve_source
+from checkpoint import check_vocab, load_model, read_checkpoint, resolve_source
 from configurator import UserError, exit_with_error, get_config
 from dataset import open_dataset
 from runtime import init_runtime
@@ -348,8 +348,7 @@ def evaluate(config: dict) -> dict[str, float]:
         if not name:
             raise UserError(f"{path} does not say which dataset it was trained on; give --dataset (or --text)")
         data = open_dataset(data_dir, name)
-        if data.tokenizer.itos != tok.itos:
-            raise UserError(f"{data.folder} uses another vocabulary than {path}; score the dataset it was trained on")
+        check_vocab(tok, path, data.tokenizer, str(data.folder), "score the dataset it was trained on")
         ids, what = np.asarray(data.tokens("val")), f"{data.folder} val split"
     print(f"{what}: {len(ids):,} characters, each scored with at least {config['context']} of context")
     results["model"] = whole_split_loss(model, ids, context=config["context"], autocast=rt.dtype)

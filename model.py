@@ -176,15 +176,6 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas: tuple[float, float],
-                             device_type: str) -> torch.optim.AdamW:
-        """AdamW decaying the matrices and embeddings only (not biases, not LayerNorm); fused where possible."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        fused = device_type in ("cuda", "cpu")  # one kernel for all parameters instead of a loop of ops
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused or None)
-
     def estimate_mfu(self, fwdbwd_per_iter: int, dt: float, peak_flops: float | None = None) -> float:
         """Model FLOPs utilization of one iteration of dt seconds against peak_flops (default: this
         CUDA device's entry in PEAK_BF16_FLOPS); nan when the peak is unknown."""

@@ -96,12 +96,19 @@ def lr_factor(it: int, config: dict, max_iters: int) -> float:
         return (it + 1) / (config["warmup_iters"] + 1)
     low = config["min_lr_ratio"]
     if config["lr_schedule"] == "wsd":
-        decay_start = max_iters - int(config["decay_frac"] * max_iters)
-        if it < decay_start:
+        start = decay_start(config, max_iters)
+        if it < start:
             return 1.0
-        return 1.0 + (low - 1.0) * min(1.0, (it - decay_start + 1) / max(1, max_iters - decay_start))
+        return 1.0 + (low - 1.0) * min(1.0, (it - start + 1) / max(1, max_iters - start))
     progress = min(1.0, (it - config["warmup_iters"]) / max(1, max_iters - config["warmup_iters"]))
     return low + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - low)
+
+
+def decay_start(config: dict, max_iters: int) -> int:
+    """The first iteration whose rate is below the peak: until then a run's length can still change."""
+    if config["lr_schedule"] == "wsd":
+        return max(config["warmup_iters"], max_iters - int(config["decay_frac"] * max_iters))
+    return config["warmup_iters"]
 
 
 def set_lr(optimizers: list[torch.optim.Optimizer], factor: float) -> None:

@@ -20,7 +20,7 @@ from tokenizer import DEFAULT_VOCAB_SIZE
 DEFAULTS = dict(
     source="",  # a .txt/.json file or a folder of .txt files (a bare argument); empty: the default corpus
     name="",  # dataset name: the output goes to data_dir/<name>/ (default: the input's file name)
-    vocab="",  # a GPT2-Chinese/BERT vocab file to use instead of building a vocabulary
+    vocab="",  # a GPT2-Chinese/BERT vocab file, or a model folder (its vocab.txt), instead of building one
     vocab_size=DEFAULT_VOCAB_SIZE,  # size of a built vocabulary
     val_fraction=0.1,  # last part of each document for validation
     block_size=512,  # context length the data must hold

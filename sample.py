@@ -28,6 +28,7 @@ from checkpoint import load_model, resolve_source
 from configurator import UserError, exit_with_error, get_config
 from copycheck import CopyIndex, copy_index_for, copy_summary
 from engine import Engine, SamplingSettings
+from gpt2chinese import generate_command, generate_samples, save_samples_file
 from runtime import init_runtime
 from tokenizer import Tokenizer
 
@@ -171,6 +172,24 @@ def run_prompt(engine: Engine, tok: Tokenizer, prompt: str, config: dict, seed: 
     return result
 
 
+def run_gpt2chinese(engine: Engine, tok: Tokenizer, prompt: str, config: dict, seed: int, index: CopyIndex | None,
+                    batch_size: int) -> list[str]:
+    """Generate as GPT2-Chinese's generate.py does: its console layout, its samples.txt, [CLS] a paragraph break."""
+    t0 = time.perf_counter()
+    texts, new_ids = generate_samples(engine, tok, prompt, settings_from(config, seed), batch_size, write)
+    seconds, tokens = time.perf_counter() - t0, sum(map(len, new_ids))
+    print(f"{tokens} tokens in {seconds:.2f} s, {tokens / max(seconds, 1e-9):.1f} tokens/s "
+          f"({len(texts)} sample(s), seed {seed})", file=sys.stderr)
+    for n, ids in enumerate(new_ids, 1) if index is not None else ():
+        print(f"sample {n}: {copy_summary(tok.decode(ids), tok, index, config['min_copy'])}", file=sys.stderr)
+    if config["save_samples"]:
+        try:
+            print(f"saved to {save_samples_file(texts, config['save_samples_path'])}", file=sys.stderr)
+        except OSError as e:
+            raise UserError(f"cannot save the samples in {config['save_samples_path']}: {e}") from None
+    return texts
+
+
 def read_prompt(start: str) -> str:
     """The --start text, or the contents of the file it names as FILE:path."""
     if not start.startswith("FILE:"):
@@ -202,8 +221,10 @@ def interactive_loop(engine: Engine, tok: Tokenizer, config: dict, seed: int, in
 
 def main(argv: list[str] | None = None) -> None:
     """The command line; every user error ends with a one-line message and exit status 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        config = get_config(DEFAULTS, argv, ALIASES, types=TYPES)
+        chinese = generate_command(argv, DEFAULTS)  # GPT2-Chinese's generate.py flags, mapped onto ours
+        config = get_config(DEFAULTS, chinese.argv if chinese else argv, ALIASES, types=TYPES)
         try:
             settings_from(config, None).check()
         except ValueError as e:
@@ -213,6 +234,8 @@ def main(argv: list[str] | None = None) -> None:
         default_out = not config["init_from"] and config["out_dir"] == DEFAULTS["out_dir"]
         path = resolve_source(config["init_from"] or config["out_dir"], newest_fallback=default_out)
         model, tok = load_model(path, config["vocab"], rt.device, rt.dtype)
+        if chinese and chinese.length_from_model:
+            config["max_new_tokens"] = model.config.block_size  # --length -1: the model's n_ctx
         if not config["interactive"] and len(tok.encode(prompt)) == 0:
             raise UserError('empty prompt; give some text with --start, or --start "[CLS]" to begin a new text')
         index = None
@@ -226,6 +249,8 @@ def main(argv: list[str] | None = None) -> None:
         seed = config["seed"] if config["seed"] >= 0 else random.SystemRandom().randrange(2**31)
         if config["interactive"]:
             interactive_loop(engine, tok, config, seed, index)
+        elif chinese:
+            run_gpt2chinese(engine, tok, prompt, config, seed, index, chinese.batch_size)
         else:
             run_prompt(engine, tok, prompt, config, seed, index)
     except UserError as e:

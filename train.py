@@ -23,14 +23,15 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import checkpoint_state, read_checkpoint, model_from_checkpoint
+from checkpoint import check_vocab, checkpoint_state, fine_tune_vocab, model_from_checkpoint, read_checkpoint
 from configurator import UserError, exit_with_error, get_config
 from dataset import Dataset, open_dataset
 from files import FolderLock, atomic_torch_save, remove_stale_temps
+from gpt2chinese import train_command
 from hf import load_hf_gpt2
 from memory import estimate_report, plan_memory
 from model import GPT, GPTConfig, peak_flops_for
-from optim import lr_factor, make_optimizers, set_lr, train_step
+from optim import decay_start, lr_factor, make_optimizers, set_lr, train_step
 from runtime import Runtime, init_runtime
 
 TYPES = dict(compile=bool)  # keys whose default None means auto
@@ -52,9 +53,12 @@ DEFAULTS = dict(
     batch_size=8,
     gradient_accumulation_steps=4,  # in total, divided among the processes under torchrun
     gpu_memory="",  # 'auto' (free GPU memory) or a size ('8GB'): the largest micro-batch that fits, same tokens/step
-    # length: max_iters if it is above 0, else epochs over the training tokens
+    # length: max_iters if it is above 0, else epochs over the training tokens; with time_budget (seconds of
+    # wall time, compiling and evaluations included) that is an upper bound, and the run plans its length to end
+    # within the budget on this machine
     max_iters=0,
     epochs=15.0,
+    time_budget=0.0,
     # optimizer: 'muon' (Muon for the blocks' weight matrices, AdamW at learning_rate for embeddings,
     # biases and LayerNorm) or 'adamw' (AdamW for everything)
     optimizer="muon",
@@ -103,7 +107,7 @@ def check_config(config: dict) -> None:
         if config[key] <= 0:
             raise UserError(f"--{key} must be above 0, got {config[key]}")
     for key in ("max_iters", "warmup_iters", "min_lr_ratio", "weight_decay", "grad_clip", "peak_flops", "patience",
-                "muon_lr", "muon_weight_decay"):
+                "muon_lr", "muon_weight_decay", "time_budget"):
         if config[key] < 0:
             raise UserError(f"--{key} must be 0 or more, got {config[key]}")
     if config["max_iters"] == 0 and config["epochs"] <= 0:
@@ -137,6 +141,8 @@ def new_model(config: dict, dataset: Dataset) -> GPT:
         model = load_hf_gpt2(config["init_from"], dropout=config["dropout"])
     except (OSError, ValueError) as e:
         raise UserError(f"cannot fine-tune from {config['init_from']}: {e}") from None
+    # the checkpoints carry the folder's tokenizer metadata on; a vocabulary that is not the model's is refused
+    dataset.tokenizer = fine_tune_vocab(config["init_from"], dataset, config.get("vocab", ""))
     if model.config.vocab_size != dataset.tokenizer.vocab_size:
         raise UserError(f"{config['init_from']} has {model.config.vocab_size} tokens but dataset {dataset.folder} "
                         f"has {dataset.tokenizer.vocab_size}; prepare it with --vocab <the model's vocab.txt>")
@@ -159,8 +165,9 @@ def resumed_model(config: dict, dataset: Dataset) -> tuple[GPT, dict]:
         raise UserError(f"{path} was trained with --optimizer={checkpoint['config'].get('optimizer')}; "
                         "resume with the same optimizer")
     model, tok = model_from_checkpoint(checkpoint, path)
-    if tok.itos != dataset.tokenizer.itos:
-        raise UserError(f"{path} was trained on another vocabulary than {dataset.folder}; use its dataset")
+    check_vocab(tok, str(path), dataset.tokenizer, str(dataset.folder),
+                f"resume on the dataset it was trained on (--dataset={checkpoint['config'].get('dataset')})")
+    dataset.tokenizer = tok  # the same tokens; the checkpoint's own metadata (tokenizer_class) goes on
     if checkpoint.get("dataset_fingerprint", dataset.fingerprint()) != dataset.fingerprint():
         raise UserError(f"{dataset.folder} was prepared again since {path} was written; resume needs the same "
                         "data (prepare it as before, or start a new run with --overwrite=True)")
@@ -333,13 +340,15 @@ class Run:
             if self.rt.device_type == "cuda":
                 rng["cuda"] = torch.cuda.get_rng_state(self.rt.device)
             state.update(optimizers=[o.state_dict() for o in self.optimizers], scaler=self.scaler.state_dict(),
-                         rng=rng, best_iter=self.best_iter, stale_evals=self.stale_evals)
+                         rng=rng, best_iter=self.best_iter, stale_evals=self.stale_evals, max_iters=self.max_iters)
         return state
 
     def restore(self, checkpoint: dict) -> None:
         """Go on exactly where last.pt stopped."""
         self.iter_num, self.best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
         self.best_iter, self.stale_evals = checkpoint["best_iter"], checkpoint["stale_evals"]
+        if self.config["time_budget"] and "max_iters" in checkpoint:
+            self.max_iters = checkpoint["max_iters"]  # the length planned when the run began: resume ends the same
         for optimizer, state in zip(self.optimizers, checkpoint["optimizers"]):
             optimizer.load_state_dict(state)
         self.scaler.load_state_dict(checkpoint["scaler"])
@@ -404,8 +413,10 @@ def setup_run(config: dict, rt: Runtime, stack: ExitStack) -> Run:
     if rt.master:
         print(f"{model.get_num_params() / 1e6:.1f}M parameters, {rt.device} {rt.dtype_name}"
               f"{', compiled' if rt.compile else ''}, {rt.world_size} process(es); {tokens_per_iter:,} tokens per "
-              f"iteration, {max_iters:,} iterations = {max_iters * tokens_per_iter / dataset.meta['train_tokens']:.2f} "
-              f"epochs of {dataset.meta['train_tokens']:,} tokens")
+              f"iteration, {'at most ' if config['time_budget'] else ''}{max_iters:,} iterations = "
+              f"{max_iters * tokens_per_iter / dataset.meta['train_tokens']:.2f} epochs of "
+              f"{dataset.meta['train_tokens']:,} tokens" + (f", within {config['time_budget']:.0f} s of wall time"
+                                                              if config["time_budget"] else ""))
     return run
 
 
@@ -494,23 +505,84 @@ def step_surviving_oom(run: Run, x: torch.Tensor, y: torch.Tensor, micro_batch: 
                   f"{micro_batch} ({math.ceil(x.size(0) / micro_batch)} accumulation steps, the same tokens per step)")
 
 
+class LengthPlanner:
+    """time_budget: sets run.max_iters so that the run, compiling and evaluations included, ends within the
+    budget on this machine. Planned after a few timed steps, then again at each evaluation while the rate is
+    still at its peak (WSD's stable phase), so a machine that slows down or speeds up is followed."""
+
+    CALIBRATION_STEPS = 10
+    clock = staticmethod(time.monotonic)  # seconds; tests put a simulated clock here
+
+    def __init__(self, run: Run, start: float):
+        # a resumed run keeps the length planned when it began, so it ends as the uninterrupted one would
+        self.enabled = run.config["time_budget"] > 0 and run.config["init_from"] != "resume"
+        self.budget, self.start, self.limit = run.config["time_budget"], start, run.max_iters
+        self.mark_iter: int | None = None  # timing starts after the first step, which compiles
+        self.mark_time = self.eval_seconds = self.eval_in_window = 0.0
+        self.planned = False
+
+    def after_step(self, run: Run) -> None:
+        if not self.enabled:
+            return
+        if self.mark_iter is None:
+            self.mark_iter, self.mark_time, self.eval_in_window = run.iter_num, self.clock(), 0.0
+        elif not self.planned and run.iter_num >= self.mark_iter + self.CALIBRATION_STEPS:
+            self.plan(run)
+        elif (self.planned and not run.rt.ddp and run.iter_num < run.max_iters
+              and self.clock() - self.start + self.eval_seconds > self.budget):
+            # the machine slowed down after the last plan: end now rather than late (under torchrun the ranks'
+            # clocks could disagree, so there only the plans, which are shared, decide)
+            if run.rt.master:
+                print(f"time budget {self.budget:.0f} s spent: stopping at iteration {run.iter_num:,} of {run.max_iters:,}")
+            run.max_iters = run.iter_num
+
+    def after_eval(self, run: Run, seconds: float) -> None:
+        self.eval_seconds = seconds
+        self.eval_in_window += seconds
+        if (self.enabled and self.planned and run.iter_num < run.max_iters
+                and run.iter_num < decay_start(run.config, run.max_iters)):
+            self.plan(run)
+
+    def plan(self, run: Run) -> None:
+        now = self.clock()
+        seconds_per_iter = (now - self.mark_time - self.eval_in_window) / max(1, run.iter_num - self.mark_iter)
+        left = self.budget - (now - self.start) - self.eval_seconds  # the final evaluation is always made
+        per_iter = seconds_per_iter + self.eval_seconds / run.config["eval_interval"]  # evaluations, spread out
+        planned = min(self.limit, run.iter_num + max(0, int(left / per_iter)))
+        if run.rt.ddp:  # every rank must stop at the same iteration: rank 0's plan is used
+            planned_tensor = torch.tensor(planned, device=run.rt.device)
+            torch.distributed.broadcast(planned_tensor, src=0)
+            planned = int(planned_tensor.item())
+        if run.rt.master and planned != run.max_iters:
+            print(f"time budget {self.budget:.0f} s: {planned:,} iterations ({1000 * seconds_per_iter:.0f} ms per "
+                  f"iteration, {self.eval_seconds:.1f} s per evaluation, {now - self.start:.0f} s used)"
+                  + (" = every one allowed by max_iters/epochs" if planned == self.limit else ""))
+        run.max_iters, self.planned = planned, True
+        self.mark_iter, self.mark_time, self.eval_in_window = run.iter_num, now, 0.0
+
+
 def train(config: dict) -> dict:
     """Run training as `config` says; returns the final iteration and losses."""
     check_config(config)
+    start = LengthPlanner.clock()
     rt = init_runtime(config["device"], config["dtype"], config["compile"], seed=config["seed"])
     config = plan_memory(config, rt)
     losses, stopped = {}, False
     try:
         with ExitStack() as stack:
             run = setup_run(config, rt, stack)
+            planner = LengthPlanner(run, start)
             stop = StopRequest(rt.master)
             stack.callback(stop.restore)
             micro_batch = config["batch_size"]
             loss_sum, t0, timed_iters = torch.zeros((), device=rt.device), time.time(), 0
             while True:
                 if run.iter_num % config["eval_interval"] == 0 or run.iter_num >= run.max_iters:
+                    eval_start = planner.clock()
                     losses = evaluate_and_save(run)
-                    t0, timed_iters = time.time(), 0  # evaluation time is not training speed
+                    eval_seconds = planner.clock() - eval_start
+                    planner.after_eval(run, eval_seconds)
+                    t0 += eval_seconds  # evaluation time is not training speed
                 if run.iter_num >= run.max_iters or memorising(run):
                     break
                 factor = lr_factor(run.iter_num, config, run.max_iters)
@@ -520,6 +592,7 @@ def train(config: dict) -> dict:
                 loss_sum += loss
                 run.iter_num += 1
                 timed_iters += 1
+                planner.after_step(run)
                 at_log = run.iter_num % config["log_interval"] == 0
                 if at_log:
                     if rt.master:
@@ -558,13 +631,17 @@ def check_ranks_in_sync(model: GPT, master: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        config = get_config(DEFAULTS, argv, types=TYPES)
+        chinese = train_command(argv, DEFAULTS, TYPES)  # GPT2-Chinese's train.py flags, mapped onto ours
+        config = get_config(DEFAULTS, chinese.argv if chinese else argv, types=TYPES)
         if config["estimate_memory"]:
             check_config(config)
             print(estimate_report(config))
             return
         result = train(config)
+        if chinese and not result["stopped"] and os.environ.get("RANK", "0") == "0":
+            print(f"exported the best model to {chinese.export(config['out_dir'])} (GPT2-Chinese's final_model)")
     except UserError as e:
         exit_with_error(e)
     except FloatingPointError as e:

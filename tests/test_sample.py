@@ -1,5 +1,6 @@
 """sample.py end to end on a tiny checkpoint built here: CLI forms, GPT2-Chinese aliases, batching,
-streaming, seeds, the samples file, special tokens, the interactive loop and every user error."""
+streaming, seeds, the samples file, special tokens, the interactive loop and every user error.
+GPT2-Chinese's own generate.py command is tested in test_gpt2chinese.py."""
 
 import io
 import os
@@ -133,25 +134,6 @@ def test_cli_both_override_forms_batch_and_saved_file(setup):
     assert sorted(os.listdir(saved)) == ["samples.txt", "samples_2.txt"]
 
 
-def test_gpt2_chinese_command_from_users_readme(setup):
-    folder = setup / "gpt2chinese"
-    command = ("--device 1 --length 1000 --tokenizer_path cache/vocab_small.txt --model_path model/final_model "
-               "--prefix [CLS]苏落妩媚一笑 --topp 1 --temperature 1.0 --save_samples --save_samples_path ./mnt/")
-    result = run_cli(command.split(), folder)
-    assert result.returncode == 0, result.stderr
-    figures = FIGURES.search(result.stderr)
-    assert figures and figures.group(1) == "1000"
-    content = (folder / "mnt" / "samples.txt").read_text(encoding="utf-8")
-    assert content.startswith(f"{sample_header(1)}\n\n{PROMPT}") and content.count("SAMPLE") == 1
-    if torch.cuda.device_count() < 2:
-        assert "no GPU 1 here" in result.stderr
-        # the folder holds out/'s weights, so with the printed seed this process writes the same text
-        model, tok = load(setup)
-        texts = generate(model, tok, "[CLS]" + PROMPT, max_new_tokens=1000, seed=int(figures.group(5))).texts
-        assert result.stdout == expected_stdout(texts)
-        assert content == format_samples(texts)
-
-
 def test_streamed_text_equals_returned_text_and_seed_reproduces(setup, capsys):
     model, tok = load(setup)
     pieces = []
@@ -278,7 +260,7 @@ def test_every_user_error_is_one_line_with_status_2(setup, tmp_path, capsys, mon
         "vocab mismatch": (["--out_dir", out, "--vocab", write_other_vocab(tmp_path / "v.txt", tok)],
                            ["does not match", "first difference at id 10"]),
         "empty prompt": (["--out_dir", out, "--start", ""], ["empty prompt", "[CLS]"]),
-        "top_p 0": (["--out_dir", out, "--topp", "0"], ["--top_p", "(0, 1]"]),
+        "top_p 0": (["--out_dir", out, "--top_p", "0"], ["--top_p", "(0, 1]"]),  # GPT2-Chinese's --topp 0 is off
         "top_p above 1": (["--out_dir", out, "--top_p=1.5"], ["--top_p", "(0, 1]"]),
         "negative temperature": (["--out_dir", out, "--temperature", "-0.5"], ["--temperature", "-0.5"]),
         "folder without vocab": (["--model_path", folder], ["vocab.txt", "--tokenizer_path"]),

@@ -7,13 +7,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import dataset
 import train
-from configurator import UserError
+from configurator import UserError, get_config
 from files import atomic_torch_save
 from hf import save_hf_gpt2
 from model import GPT, GPTConfig
@@ -103,6 +104,73 @@ def test_sigint_then_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path,
     assert train_losses(interrupted) == expected  # exactly, dropout included
 
 
+def simulated_budget_run(monkeypatch, step_seconds: list[float], budget: float = 60.0, setup: float = 10.0,
+                         eval_seconds: float = 2.0) -> tuple[float, SimpleNamespace]:
+    """Drive LengthPlanner as train() does, on a clock that advances by the given step times (the last one
+    repeats) and eval_seconds per evaluation; returns the seconds the run took and the run."""
+    now = [setup]
+    config = dict(train.DEFAULTS, time_budget=budget, eval_interval=50, lr_schedule="wsd", warmup_iters=0)
+    run = SimpleNamespace(config=config, max_iters=100_000, iter_num=0, rt=SimpleNamespace(ddp=False, master=True))
+    monkeypatch.setattr(train.LengthPlanner, "clock", staticmethod(lambda: now[0]))
+    planner = train.LengthPlanner(run, start=0.0)
+    while True:
+        if run.iter_num % config["eval_interval"] == 0 or run.iter_num >= run.max_iters:
+            now[0] += eval_seconds
+            planner.after_eval(run, eval_seconds)
+        if run.iter_num >= run.max_iters:
+            return now[0], run
+        now[0] += step_seconds[min(run.iter_num, len(step_seconds) - 1)]
+        run.iter_num += 1
+        planner.after_step(run)
+
+
+def test_time_budget_plans_a_length_that_fills_the_budget(monkeypatch):
+    # the first step compiles (20 s); then 0.25 s a step
+    seconds, run = simulated_budget_run(monkeypatch, [20.0, 0.25])
+    assert 57.0 <= seconds <= 60.0 and run.max_iters < 100_000
+    # a machine that slows to 0.5 s a step after 40 steps: re-planned at the next evaluation, and stopped when
+    # the budget is spent, within one step of it
+    seconds, slowed = simulated_budget_run(monkeypatch, [20.0] + [0.25] * 40 + [0.5])
+    assert 55.0 <= seconds <= 60.5 and slowed.max_iters < run.max_iters
+    # a budget spent before the first plan ends the run at once, with its final evaluation
+    seconds, late = simulated_budget_run(monkeypatch, [70.0, 0.25])
+    assert late.max_iters == late.iter_num == 11
+
+
+def test_time_budget_is_kept_by_resume(data_dir, tmp_path, monkeypatch):
+    # a simulated clock: 0.125 s per training step (exact in binary), evaluations free, so the plan does not
+    # depend on this machine
+    steps = [0]
+    real_step = train.train_step
+
+    def counted_step(*args, **kwargs):
+        steps[0] += 1
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", counted_step)
+    monkeypatch.setattr(train.LengthPlanner, "clock", staticmethod(lambda: 0.125 * steps[0]))
+    config = tiny_config(data_dir, tmp_path, max_iters=100_000, time_budget=6.0, eval_interval=25)
+    # planned after 11 steps (1.375 s used, 0.125 s a step): 37 more, 48 in all
+    assert train.train(config)["iter_num"] == 48
+    # interrupted after the plan was made: resume ends at the planned iteration, not a new plan
+    interrupted = tmp_path / "interrupted"
+    real_lr_at = train.lr_factor
+
+    def lr_at_then_interrupt(it, *args):
+        if it == 11:
+            signal.raise_signal(signal.SIGINT)
+        return real_lr_at(it, *args)
+
+    monkeypatch.setattr(train, "lr_factor", lr_at_then_interrupt)
+    first = train.train(dict(config, out_dir=str(interrupted)))
+    assert first["stopped"] and first["iter_num"] == 12
+    monkeypatch.setattr(train, "lr_factor", real_lr_at)
+    planned = torch.load(interrupted / "last.pt", weights_only=True)["max_iters"]
+    assert planned == 48
+    resumed = train.train(dict(config, out_dir=str(interrupted), init_from="resume", time_budget=0.5))
+    assert resumed["iter_num"] == resumed["max_iters"] == planned
+
+
 def test_sigint_from_outside_saves_and_exits_cleanly(data_dir, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "train.py"), "--dataset=tiny", f"--data_dir={data_dir}", f"--out_dir={out}",
@@ -152,6 +220,7 @@ def test_epochs_become_iterations(data_dir, tmp_path):
 def test_fine_tune_from_a_gpt2_chinese_folder(data_dir, tmp_path):
     folder = tmp_path / "final_model"
     save_hf_gpt2(GPT(GPTConfig(block_size=64, vocab_size=120, n_layer=1, n_head=2, n_embd=32)), str(folder))
+    (folder / "vocab.txt").write_bytes((data_dir / "tiny" / "vocab.txt").read_bytes())  # the model's vocabulary
     result = train.train(tiny_config(data_dir, tmp_path / "out", init_from=str(folder), max_iters=4))
     assert result["iter_num"] == 4
     assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["model_args"]["block_size"] == 64
@@ -336,3 +405,11 @@ def test_out_of_memory_halves_the_micro_batch_and_loses_no_step(data_dir, tmp_pa
     # the same rows in smaller micro-batches: the same gradients, up to float rounding
     assert result["val_loss"] == pytest.approx(plain["val_loss"], abs=1e-3)
     assert torch.load(tmp_path / "oom" / "last.pt", weights_only=True)["iter_num"] == 8
+
+
+@pytest.mark.parametrize("name", ["novel_cpu", "novel_small"])
+def test_shipped_configs_are_valid(name):
+    config = get_config(train.DEFAULTS, [str(ROOT / "config" / f"{name}.py")], types=train.TYPES)
+    train.check_config(config)
+    assert config["optimizer"] == "muon" and config["lr_schedule"] == "wsd"
+    assert config["early_stop"] and config["patience"] > 0 and config["epochs"] <= 6
