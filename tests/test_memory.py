@@ -124,7 +124,7 @@ def test_estimate_memory_flag_prints_the_breakdown_without_gpu_or_dataset(tmp_pa
     monkeypatch.chdir(tmp_path)  # no data/ here: the vocabulary is the default one and nothing is prepared
     train.main([str(ROOT / "config" / "novel_small.py"), "--estimate_memory"])
     out = capsys.readouterr().out
-    for words in ("weights (float32", "optimizer state (AdamW", "activations saved for backward", "13,317",
+    for words in ("weights (float32", "optimizer state (Muon momentum + AdamW", "activations saved for backward", "13,317",
                   "micro-batch 8 x 512", "peak allocated", "CUDA context", "total"):
         assert words in out
     assert not (tmp_path / "data").exists() and not (tmp_path / "out-novel-small").exists()
