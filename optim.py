@@ -22,9 +22,10 @@ def orthogonalize(update: torch.Tensor, steps: int) -> torch.Tensor:
     if tall:  # iterate on the wide orientation: X X^T is then the smaller product
         x = x.mT
     x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-7)  # singular values into [0, 1]
-    for _ in range(steps):
-        gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
+    x = x.contiguous()
+    for _ in range(steps):  # x <- a x + (b G + c G G) x with G = x x^T; baddbmm fuses each scale-and-add
+        gram = x @ x.mT  # (n, rows, rows), rows <= cols
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return (x.mT if tall else x).to(update.dtype)
 
 
