@@ -207,6 +207,7 @@ class MetricsLog:
     def __init__(self, out_dir: Path, config: dict, rt: Runtime, fresh: bool):
         self.path = out_dir / "metrics.jsonl" if rt.master else None
         self.run = None
+        self.start = time.monotonic()  # each record's "seconds": wall time of this process, compiling included
         if self.path and fresh:
             self.path.unlink(missing_ok=True)  # a new run's curves must not mix with an old one's
         if self.path and config["wandb_log"]:
@@ -220,6 +221,7 @@ class MetricsLog:
                       f"wandb sync {self.run.dir.rsplit('/files', 1)[0]}")
 
     def log(self, record: dict) -> None:
+        record = dict(record, seconds=round(time.monotonic() - self.start, 1))
         if self.path:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
