@@ -4,12 +4,15 @@ Speed figures, printed side by side with Hugging Face's GPT2LMHeadModel (the eng
     python bench.py                      # every section
     python bench.py decode               # one section
     python bench.py train config/novel_small.py --batch_size=8   # training speed of any config
+    python bench.py gpu --memory_budget_gb=8   # novel_small on CUDA: speed, MFU, memory vs estimate, sampling
 
 Each section is one function in SECTIONS. transformers is a dev dependency, imported only here.
 Quality (val loss, n-gram baselines) is evaluate.py's job; this file measures speed only.
 Timings on a shared machine are noisy: run it on an idle one for figures to quote.
 """
 
+import gc
+import json
 import math
 import os
 import subprocess
@@ -23,9 +26,10 @@ import numpy as np
 import torch
 
 from engine import Engine
-from model import GPT, GPTConfig
+from configurator import UserError
+from model import GPT, GPTConfig, peak_flops_for
 from quant import quantize_int8
-from runtime import cpu_has_bf16, init_runtime
+from runtime import Runtime, cpu_has_bf16, init_runtime
 from tokenizer import DEFAULT_VOCAB_SIZE
 import train
 from optim import make_optimizers, train_step
@@ -314,11 +318,141 @@ def bench_train(argv: list[str]) -> None:
           f"(GPT2-Chinese on our users' RTX 4060 Laptop: 45 minutes)")
 
 
-SECTIONS: dict[str, Callable[[list[str]], None]] = {
+# ------------------------------------------------------------------ the GPU check: config/novel_small.py for real
+
+def gpu_steps(config: dict, rt: Runtime, compiled: bool, batches: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+              ) -> tuple[GPT, float, int, int]:
+    """Train a fresh model for config's warm-up and timed steps; (model, seconds per step, peak allocated and
+    reserved bytes over the timed steps)."""
+    model = GPT(GPTConfig(block_size=config["block_size"], vocab_size=config["vocab_size"],
+                          n_layer=config["n_layer"], n_head=config["n_head"], n_embd=config["n_embd"],
+                          dropout=config["dropout"], bias=config["bias"])).to(rt.device)
+    optimizers = make_optimizers(model, config, rt.device_type)
+    scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)
+    step_model = torch.compile(model) if compiled else model
+    rows = config["batch_size"] * config["gradient_accumulation_steps"]
+
+    def step() -> None:
+        x, y = batches(rows)
+        train_step(step_model, optimizers, scaler, x, y, config["batch_size"], rt, config["grad_clip"])
+
+    for _ in range(config["warmup_steps"]):  # the first compiles; the optimizer state appears in the first
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(config["iters"]):
+        step()
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / config["iters"]
+    return model, seconds, torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+
+
+def emulate_budget(budget_gb: float) -> str:
+    """Cap this process's allocator so that it, with the CUDA context already in use, fits budget_gb."""
+    torch.ones(1, device="cuda") @ torch.ones(1, 1, device="cuda")  # the context and cuBLAS exist from here on
+    free, total = torch.cuda.mem_get_info()
+    in_use = total - free - torch.cuda.memory_reserved()  # the context (and any other process on the card)
+    allowed = budget_gb * 2**30 - in_use
+    if allowed <= 0:
+        raise UserError(f"--memory_budget_gb={budget_gb} is less than the {in_use / 2**30:.2f} GB already in use")
+    torch.cuda.set_per_process_memory_fraction(min(1.0, allowed / total))
+    return (f"emulating a {budget_gb:g} GB card: the allocator may hold {allowed / 2**30:.2f} GB "
+            f"({in_use / 2**30:.2f} GB of context and other processes are in use)")
+
+
+def sample_seconds(model: GPT, dtype: torch.dtype, compiled: bool, chars: int = 1000) -> float:
+    """Seconds to sample `chars` characters from a 16-token prompt, batch 1, timed after a warm-up call."""
+    engine = Engine(model.to(dtype).eval())
+    if compiled:
+        engine.compile()
+    prompt = torch.randint(0, model.config.vocab_size, (1, 16), device=model.lm_head.weight.device)
+    new_tokens = round(chars / CHARS_PER_TOKEN)
+    for _ in range(2):  # the first call compiles and warms up; the second is timed
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in engine.stream(prompt, new_tokens, temperature=1.0, top_k=40):
+            pass
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def gpu_mode_line(config: dict, rt: Runtime, compiled: bool, train_tokens: int,
+                  batches: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> tuple[GPT | None, str]:
+    """Train eager or compiled and describe it: speed, MFU, peak memory beside the estimate, time per epoch."""
+    import memory
+    label = "compiled" if compiled else "eager   "
+    est = memory.estimate_memory(config, config["vocab_size"], "cuda", rt.dtype_name, compiled)
+    try:
+        model, seconds, allocated, reserved = gpu_steps(config, rt, compiled, batches)
+    except torch.cuda.OutOfMemoryError:
+        gc.collect()
+        torch.cuda.empty_cache()
+        return None, f"  {label}: out of memory (the estimate: {est.total / 2**30:.2f} GB in all)"
+    rows = config["batch_size"] * config["gradient_accumulation_steps"]
+    tokens_per_s = rows * config["block_size"] / seconds
+    peak_flops = config["peak_flops"] or peak_flops_for(torch.cuda.get_device_name())
+    mfu = f"MFU {100 * model.estimate_mfu(rows, seconds, peak_flops):.1f}%" if peak_flops else "MFU ? (--peak_flops)"
+    epoch = f"{train_tokens / tokens_per_s / 60:.1f} min per epoch of {config['dataset']}, " if train_tokens else ""
+    return model, (f"  {label}: {tokens_per_s:,.0f} tokens/s, {seconds * 1e3:.0f} ms/step, {mfu}, peak allocated "
+                   f"{allocated / 2**30:.2f} GB (estimate {est.allocated_peak / 2**30:.2f} GB = "
+                   f"{est.allocated_peak / allocated:.2f}x), reserved {reserved / 2**30:.2f} GB (estimate "
+                   f"{(est.allocated_peak + est.allocator) / 2**30:.2f} GB); {epoch}"
+                   f"{7.65e6 / tokens_per_s / 60:.1f} min per epoch of a 7.65M-character novel")
+
+
+def bench_gpu(argv: list[str]) -> int:
+    """config/novel_small.py (or the config given) on CUDA: tokens/s, MFU and peak memory with and without
+    torch.compile, the memory estimate beside the measurement, time per epoch, time to sample 1,000 characters.
+    --iters=N timed steps (300), --memory_budget_gb=8 emulates an 8 GB card on a bigger GPU."""
+    if not torch.cuda.is_available():
+        print("bench.py gpu: needs a CUDA GPU (torch.cuda.is_available() is False here)", file=sys.stderr)
+        return 2
+    from configurator import get_config
+    import memory
+    if all(arg.startswith("--") for arg in argv):  # no config file given: our users' model
+        argv = [str(Path(__file__).resolve().parent / "config" / "novel_small.py"), *argv]
+    config = get_config(dict(train.DEFAULTS, iters=300, warmup_steps=10, memory_budget_gb=0.0), argv,
+                        types=train.TYPES)
+    train.check_config(config)
+    rt = init_runtime(config["device"], config["dtype"], None, seed=config["seed"])
+    try:
+        budget_line = emulate_budget(config["memory_budget_gb"]) if config["memory_budget_gb"] > 0 else ""
+    except UserError as e:
+        print(f"bench.py gpu: {e}", file=sys.stderr)
+        return 2
+    config["vocab_size"] = memory.vocab_size_of(config)
+    meta_path = Path(config["data_dir"]) / config["dataset"] / "meta.json"
+    train_tokens = json.loads(meta_path.read_text(encoding="utf-8"))["train_tokens"] if meta_path.exists() else 0
+    generator = torch.Generator(device=rt.device).manual_seed(0)
+
+    def batches(rows: int) -> tuple[torch.Tensor, torch.Tensor]:  # random tokens: the speed does not depend on them
+        data = torch.randint(0, config["vocab_size"], (rows, config["block_size"] + 1), device=rt.device,
+                             generator=generator)
+        return data[:, :-1], data[:, 1:]
+
+    print(f"gpu: {torch.cuda.get_device_name()}, {rt.dtype_name}, micro-batch {config['batch_size']} x "
+          f"{config['block_size']} x {config['gradient_accumulation_steps']} accumulation, {config['optimizer']}, "
+          f"{config['iters']} timed steps" + (f"; {budget_line}" if budget_line else ""))
+    model = None
+    for compiled in (False, True):
+        trained, line = gpu_mode_line(config, rt, compiled, train_tokens, batches)
+        model = trained or model
+        print(line, flush=True)
+    if model is not None:
+        for compiled in (False, True):
+            print(f"  sampling 1,000 characters (batch 1, {rt.dtype_name} weights{', compiled' if compiled else ''}): "
+                  f"{sample_seconds(model, rt.dtype, compiled):.2f} s", flush=True)
+    print("  goals: peak memory < 7 GB at micro-batch 8 x 512; MFU >= 40% on an H100 in bf16 with compile; "
+          "estimate within 15% of the measurement")
+    return 0
+
+SECTIONS: dict[str, Callable[[list[str]], int | None]] = {
     "tokenize": bench_tokenize,
     "train_step": bench_train_step,
     "decode": bench_decode,
     "train": bench_train,
+    "gpu": bench_gpu,
 }
 
 
@@ -333,7 +467,7 @@ def main(argv: list[str]) -> int:
         return 2
     torch.set_num_threads(os.cpu_count() or 1)
     if argv:
-        SECTIONS[argv[0]](argv[1:])
+        return SECTIONS[argv[0]](argv[1:]) or 0
     else:
         for section in SECTIONS.values():
             section([])

@@ -158,19 +158,25 @@ def run_prompt(engine: Engine, tok: Tokenizer, prompt: str, config: dict, seed: 
     write("\n")
     for n, text in enumerate(result.texts[1:], 2):
         write(f"\n{sample_header(n)}\n\n{text}\n")
-    rate = result.new_tokens / max(result.seconds, 1e-9)
-    print(f"{result.new_tokens} tokens in {result.seconds:.2f} s, {rate:.1f} tokens/s "
-          f"({config['num_samples']} sample(s), seed {seed})", file=sys.stderr)
-    if index is not None:
-        prompt_chars = len(tok.decode(tok.encode(prompt)).lstrip("\n"))
-        for n, text in enumerate(result.texts, 1):  # the continuation only: the prompt is the user's own
-            print(f"sample {n}: {copy_summary(text[prompt_chars:], tok, index, config['min_copy'])}", file=sys.stderr)
+    prompt_chars = len(tok.decode(tok.encode(prompt)).lstrip("\n"))
+    continuations = [text[prompt_chars:] for text in result.texts]  # the copy check skips the user's own prompt
+    report(result.new_tokens, result.seconds, seed, continuations, tok, index, config,
+           lambda: save_samples(result.texts, config["save_samples_path"]))
+    return result
+
+
+def report(tokens: int, seconds: float, seed: int, continuations: list[str], tok: Tokenizer,
+           index: CopyIndex | None, config: dict, save: Callable[[], str]) -> None:
+    """After the samples: the rate, one copy-check line per sample, and the samples file when asked."""
+    print(f"{tokens} tokens in {seconds:.2f} s, {tokens / max(seconds, 1e-9):.1f} tokens/s "
+          f"({len(continuations)} sample(s), seed {seed})", file=sys.stderr)
+    for n, text in enumerate(continuations, 1) if index is not None else ():
+        print(f"sample {n}: {copy_summary(text, tok, index, config['min_copy'])}", file=sys.stderr)
     if config["save_samples"]:
         try:
-            print(f"saved to {save_samples(result.texts, config['save_samples_path'])}", file=sys.stderr)
+            print(f"saved to {save()}", file=sys.stderr)
         except OSError as e:
             raise UserError(f"cannot save the samples in {config['save_samples_path']}: {e}") from None
-    return result
 
 
 def run_gpt2chinese(engine: Engine, tok: Tokenizer, prompt: str, config: dict, seed: int, index: CopyIndex | None,
@@ -178,16 +184,8 @@ def run_gpt2chinese(engine: Engine, tok: Tokenizer, prompt: str, config: dict, s
     """Generate as GPT2-Chinese's generate.py does: its console layout, its samples.txt, [CLS] a paragraph break."""
     t0 = time.perf_counter()
     texts, new_ids = generate_samples(engine, tok, prompt, settings_from(config, seed), batch_size, write)
-    seconds, tokens = time.perf_counter() - t0, sum(map(len, new_ids))
-    print(f"{tokens} tokens in {seconds:.2f} s, {tokens / max(seconds, 1e-9):.1f} tokens/s "
-          f"({len(texts)} sample(s), seed {seed})", file=sys.stderr)
-    for n, ids in enumerate(new_ids, 1) if index is not None else ():
-        print(f"sample {n}: {copy_summary(tok.decode(ids), tok, index, config['min_copy'])}", file=sys.stderr)
-    if config["save_samples"]:
-        try:
-            print(f"saved to {save_samples_file(texts, config['save_samples_path'])}", file=sys.stderr)
-        except OSError as e:
-            raise UserError(f"cannot save the samples in {config['save_samples_path']}: {e}") from None
+    report(sum(map(len, new_ids)), time.perf_counter() - t0, seed, [tok.decode(ids) for ids in new_ids], tok, index,
+           config, lambda: save_samples_file(texts, config["save_samples_path"]))
     return texts
 
 

@@ -29,6 +29,7 @@ from dataset import Dataset, open_dataset
 from files import FolderLock, atomic_torch_save, remove_stale_temps
 from gpt2chinese import train_command
 from hf import load_hf_gpt2
+from memory import estimate_report, plan_memory
 from model import GPT, GPTConfig, peak_flops_for
 from optim import decay_start, lr_factor, make_optimizers, set_lr, train_step
 from runtime import Runtime, init_runtime
@@ -51,6 +52,7 @@ DEFAULTS = dict(
     # batch: tokens per optimizer step = batch_size * block_size * gradient_accumulation_steps
     batch_size=8,
     gradient_accumulation_steps=4,  # in total, divided among the processes under torchrun
+    gpu_memory="",  # 'auto' (free GPU memory) or a size ('8GB'): the largest micro-batch that fits, same tokens/step
     # length: max_iters if it is above 0, else epochs over the training tokens; with time_budget (seconds of
     # wall time, compiling and evaluations included) that is an upper bound, and the run plans its length to end
     # within the budget on this machine
@@ -90,6 +92,7 @@ DEFAULTS = dict(
     compile=None,  # None: auto (on for CUDA on Linux); True or False to force
     peak_flops=0.0,  # the GPU's dense bf16 peak FLOP/s for MFU; 0: look it up by GPU name
     seed=1337,
+    estimate_memory=False,  # print the memory this run needs (no GPU or dataset needed) and exit
 )
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")  # fixed once a model exists
 
@@ -204,6 +207,7 @@ class MetricsLog:
     def __init__(self, out_dir: Path, config: dict, rt: Runtime, fresh: bool):
         self.path = out_dir / "metrics.jsonl" if rt.master else None
         self.run = None
+        self.start = time.monotonic()  # each record's "seconds": wall time of this process, compiling included
         if self.path and fresh:
             self.path.unlink(missing_ok=True)  # a new run's curves must not mix with an old one's
         if self.path and config["wandb_log"]:
@@ -217,6 +221,7 @@ class MetricsLog:
                       f"wandb sync {self.run.dir.rsplit('/files', 1)[0]}")
 
     def log(self, record: dict) -> None:
+        record = dict(record, seconds=round(time.monotonic() - self.start, 1))
         if self.path:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
@@ -563,6 +568,7 @@ def train(config: dict) -> dict:
     check_config(config)
     start = LengthPlanner.clock()
     rt = init_runtime(config["device"], config["dtype"], config["compile"], seed=config["seed"])
+    config = plan_memory(config, rt)
     losses, stopped = {}, False
     try:
         with ExitStack() as stack:
@@ -631,6 +637,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         chinese = train_command(argv, DEFAULTS, TYPES)  # GPT2-Chinese's train.py flags, mapped onto ours
         config = get_config(DEFAULTS, chinese.argv if chinese else argv, types=TYPES)
+        if config["estimate_memory"]:
+            check_config(config)
+            print(estimate_report(config))
+            return
         result = train(config)
         if chinese and not result["stopped"] and os.environ.get("RANK", "0") == "0":
             print(f"exported the best model to {chinese.export(config['out_dir'])} (GPT2-Chinese's final_model)")

@@ -74,7 +74,9 @@ def test_loss_goes_down_and_checkpoint_is_complete(data_dir, tmp_path):
     assert last["iter_num"] == 60 and len(last["optimizers"]) == 2 and "rng" in last
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
     record = read_metrics(tmp_path)[1]
-    assert {"iter", "epoch", "loss", "lr", "ms_per_iter", "tokens_per_s"} <= set(record)
+    assert {"iter", "epoch", "loss", "lr", "ms_per_iter", "tokens_per_s", "seconds"} <= set(record)
+    seconds = [r["seconds"] for r in read_metrics(tmp_path)]
+    assert seconds == sorted(seconds) and seconds[-1] > 0  # wall time, for loss-against-time curves
 
 
 @pytest.mark.parametrize("optimizer,lr_schedule", [("muon", "wsd"), ("adamw", "cosine"), ("muon", "cosine")])
