@@ -459,6 +459,10 @@ class Dataset:
             raise ValueError(f"split must be 'train' or 'val', not {split!r}")
         return np.memmap(self.folder / f"{split}.bin", dtype=self.meta["dtype"], mode="r")
 
+    def used_tokens(self) -> np.ndarray:
+        """The token ids that occur in the train split, ascending."""
+        return np.flatnonzero(np.bincount(self.tokens("train"), minlength=self.tokenizer.vocab_size))
+
     def get_batch(self, split: str, batch_size: int, block_size: int, generator: "torch.Generator",
                   device: str) -> tuple["torch.Tensor", "torch.Tensor"]:
         """Random blocks of `split` as (inputs, targets shifted by one), each (batch_size, block_size) int64."""

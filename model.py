@@ -136,6 +136,10 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied, as in GPT-2
+        # Set by train_head_on: (U+1,) the head rows training scores, their bias and (V+1,) each token's column
+        self.register_buffer("head_rows", None, persistent=False)
+        self.register_buffer("head_bias", None, persistent=False)
+        self.register_buffer("head_column", None, persistent=False)
         self.apply(self._init_weights)
         # GPT-2 scales the residual projections so the residual stream's variance does not grow with depth
         for name, p in self.named_parameters():
@@ -153,6 +157,35 @@ class GPT(nn.Module):
         n_params = sum(p.numel() for p in self.parameters())
         return n_params - self.transformer.wpe.weight.numel() if non_embedding else n_params
 
+    def train_head_on(self, used: torch.Tensor | None) -> None:
+        """Train the LM head on the rows of the `used` token ids only, plus one row that every other token
+        shares; None: the whole head. A novel uses about a third of a 13k character vocabulary."""
+        V = self.config.vocab_size
+        if used is None or used.numel() == V:
+            self.head_rows = self.head_bias = self.head_column = None
+            return
+        device = self.lm_head.weight.device
+        used = used.to(device)
+        unused = torch.ones(V, dtype=torch.bool, device=device)
+        unused[used] = False
+        self.head_rows = torch.cat([used, unused.nonzero()[0]])  # (U+1,) the first unused token's row is shared
+        # log(count) on the shared logit: the probability the whole head gives all unused tokens together
+        # once their rows equal the shared one (tie_unused_rows), so both heads define the same model
+        self.head_bias = torch.zeros(len(self.head_rows), device=device)
+        self.head_bias[-1] = math.log(unused.sum().item())
+        column = torch.full((V + 1,), len(used), dtype=torch.long, device=device)  # unused -> the shared column
+        column[used] = torch.arange(len(used), device=device)
+        column[-1] = -1  # targets of -1 (ignored) index this last entry and stay -1
+        self.head_column = column
+
+    @torch.no_grad()
+    def tie_unused_rows(self) -> None:
+        """Copy the shared row into every unused token's row: the whole head (evaluation, sampling, export) then
+        gives the distribution that training with train_head_on scored. Nothing to do without it."""
+        if self.head_rows is not None:
+            weight = self.lm_head.weight
+            weight[self.head_column[:-1] == len(self.head_rows) - 1] = weight[self.head_rows[-1]].clone()
+
     @classmethod
     def from_state_dict(cls, model_args: dict, state: dict[str, torch.Tensor]) -> "GPT":
         """A model from a checkpoint's model_args and weights; the one place that knows checkpoint key quirks."""
@@ -163,8 +196,8 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
                 pos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T) -> (logits, loss). With targets: logits (B, T, V) and the mean cross-entropy (targets
-        of -1 are ignored); without: only the last position's logits, (B, 1, V). pos (T,) are the tokens'
+        """idx (B, T) -> (logits, loss). With targets: logits (B, T, V), or (B, T, U+1) in training after
+        train_head_on, and the mean cross-entropy (targets of -1 are ignored); without: only the last position's logits, (B, 1, V). pos (T,) are the tokens'
         positions, 0..T-1 unless given (generation with a cache gives them)."""
         T = idx.size(1)
         if pos is None:
@@ -178,7 +211,12 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None
-        logits = self.lm_head(x)  # (B, T, V)
+        if self.training and self.head_rows is not None:
+            # (B, T, U+1): a third of the head's work for a novel. Training targets are all in `used`.
+            logits = F.linear(x, self.lm_head.weight[self.head_rows], self.head_bias)
+            targets = self.head_column[targets]
+        else:
+            logits = self.lm_head(x)  # (B, T, V)
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 

@@ -49,6 +49,10 @@ DEFAULTS = dict(
     block_size=512,
     dropout=0.1,
     bias=True,
+    # from scratch, the LM head trains only on the tokens the training text uses, plus one row the others share:
+    # 红楼梦 uses 4,343 of 13,317, and novel_cpu's step runs 1.8x faster. Off when fine-tuning a model folder,
+    # whose other rows hold what it learnt. The saved model is a plain GPT-2 either way.
+    used_vocab_head=True,
     # batch: tokens per optimizer step = batch_size * block_size * gradient_accumulation_steps
     batch_size=8,
     gradient_accumulation_steps=4,  # in total, divided among the processes under torchrun
@@ -184,6 +188,7 @@ def resumed_model(config: dict, dataset: Dataset) -> tuple[GPT, dict]:
 @torch.no_grad()
 def estimate_loss(model: GPT, dataset: Dataset, config: dict, rt: Runtime) -> dict[str, float]:
     """Mean loss over eval_iters batches per split; the same batches every time, so evals compare."""
+    model.tie_unused_rows()  # evaluation runs the whole head
     model.eval()
     losses = {}
     for split in ("train", "val"):
@@ -334,9 +339,11 @@ class Run:
 
     def state(self, full: bool) -> dict:
         """ckpt.pt's contents; with full, what resume needs on top: optimizer, scaler and RNG states."""
+        self.raw_model.tie_unused_rows()
         state = checkpoint_state(self.raw_model, self.dataset.tokenizer, self.config, self.iter_num,
                                  self.best_val_loss)
         state["dataset_fingerprint"] = self.fingerprint
+        state["used_vocab_head"] = self.raw_model.head_rows is not None
         if full:
             rng = {"torch": torch.get_rng_state(), "batch": self.batch_generator.get_state()}
             if self.rt.device_type == "cuda":
@@ -399,6 +406,9 @@ def setup_run(config: dict, rt: Runtime, stack: ExitStack) -> Run:
     else:
         model = new_model(config, dataset)
     model.to(rt.device)
+    new_weights = checkpoint.get("used_vocab_head", False) if checkpoint else config["init_from"] == "scratch"
+    if config["used_vocab_head"] and new_weights:
+        model.train_head_on(torch.from_numpy(dataset.used_tokens()))
     step_model = torch.compile(model) if rt.compile else model
     if rt.ddp:
         step_model = torch.nn.parallel.DistributedDataParallel(

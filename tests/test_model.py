@@ -391,3 +391,28 @@ def test_num_params_mfu_and_peak_table():
     assert peak_flops_for("Some Unknown GPU") is None
     flops_per_iter = (6 * model.get_num_params() + 12 * 2 * 2 * 8 * 32) * 32 * 4
     assert model.estimate_mfu(4, 0.5, peak_flops=1e9) == pytest.approx(flops_per_iter / 0.5 / 1e9)
+
+
+def test_training_on_the_used_rows_scores_what_the_whole_head_gives_once_tied():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**TINY, "n_embd": 32, "dropout": 0.0}))
+    used = torch.tensor([2, 5, 6, 11, 40, 41, 90])
+    model.train_head_on(used)
+    x, y = used[torch.randint(0, 7, (3, 32))], used[torch.randint(0, 7, (3, 32))]
+    y[0, :4] = -1
+    logits, loss = model.train()(x, y)
+    assert logits.shape == (3, 32, 8)  # the used rows and the shared one
+    loss.backward()
+    touched = model.lm_head.weight.grad.abs().sum(1).nonzero().flatten().tolist()
+    assert set(touched) <= set(used.tolist()) | {0}  # 0: the first unused token, whose row the rest share
+    model.tie_unused_rows()
+    unused = [t for t in range(97) if t not in used.tolist()]
+    assert torch.equal(model.lm_head.weight[unused], model.lm_head.weight[0].expand(len(unused), -1))
+    whole_logits, whole = model.eval()(x, y)
+    assert abs(whole.item() - loss.item()) < 1e-5
+    # the shared column carries the probability of all 90 unused tokens together
+    shared = logits.detach().softmax(-1)[..., -1]
+    assert torch.allclose(shared, whole_logits.softmax(-1)[..., unused].sum(-1), atol=1e-6)
+    assert torch.allclose(whole_logits.softmax(-1)[..., used], logits.detach().softmax(-1)[..., :-1], atol=1e-6)
+    model.train_head_on(None)
+    assert model.train()(x, y)[0].shape == (3, 32, 97)

@@ -231,6 +231,22 @@ def test_fine_tune_from_a_gpt2_chinese_folder(data_dir, tmp_path):
         train.train(tiny_config(data_dir, tmp_path / "out2", init_from=str(folder)))
 
 
+def test_from_scratch_the_head_trains_on_the_used_tokens_and_saves_a_plain_model(data_dir, tmp_path):
+    used = dataset.open_dataset(str(data_dir), "tiny", 32).used_tokens().tolist()
+    unused = [t for t in range(120) if t not in used]
+    assert len(unused) >= 2 and 0 in unused  # [PAD] never occurs in the text
+    for on in (True, False):
+        train.train(tiny_config(data_dir, tmp_path / str(on), max_iters=10, used_vocab_head=on))
+        rows = torch.load(tmp_path / str(on) / "ckpt.pt", weights_only=True)["model"]["lm_head.weight"][unused]
+        assert torch.equal(rows, rows[:1].expand_as(rows)) == on  # off: every unused row trained on its own
+        assert torch.load(tmp_path / str(on) / "last.pt", weights_only=True)["used_vocab_head"] == on
+    folder = tmp_path / "final_model"  # fine-tuning keeps the whole head: its unused rows hold what it learnt
+    save_hf_gpt2(GPT(GPTConfig(block_size=64, vocab_size=120, n_layer=1, n_head=2, n_embd=32)), str(folder))
+    (folder / "vocab.txt").write_bytes((data_dir / "tiny" / "vocab.txt").read_bytes())
+    train.train(tiny_config(data_dir, tmp_path / "tuned", init_from=str(folder), max_iters=2))
+    assert torch.load(tmp_path / "tuned" / "last.pt", weights_only=True)["used_vocab_head"] is False
+
+
 def test_wandb_offline_run_has_the_metrics(data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no login
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
