@@ -136,10 +136,11 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied, as in GPT-2
-        # Set by train_head_on: (U+1,) the head rows training scores, their bias and (V+1,) each token's column
-        self.register_buffer("head_rows", None, persistent=False)
-        self.register_buffer("head_bias", None, persistent=False)
-        self.register_buffer("head_column", None, persistent=False)
+        # Set by train_head_on: (U+1,) the head rows training scores, their bias and (V+1,) each token's column.
+        # Plain attributes, not buffers: DDP would broadcast buffers before every step, and checkpoints skip them.
+        self.head_rows: torch.Tensor | None = None
+        self.head_bias: torch.Tensor | None = None
+        self.head_column: torch.Tensor | None = None
         self.apply(self._init_weights)
         # GPT-2 scales the residual projections so the residual stream's variance does not grow with depth
         for name, p in self.named_parameters():
