@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-import evaluate
-from evaluate import (kneser_ney_trigram, kneser_ney_trigram_loss, loss_report, modified_kneser_ney,
-                      modified_kneser_ney_loss, whole_split_loss)
+import ngram
+from evaluate import loss_report
+from mixture import whole_split_loss
+from ngram import kneser_ney_trigram, kneser_ney_trigram_loss, modified_kneser_ney, modified_kneser_ney_loss
 from model import GPT, GPTConfig
 from dataset import prepare
 
@@ -42,7 +43,7 @@ class DirectModifiedKneserNey:
             n = Counter(self.counts[k].values())
             y = n[1] / (n[1] + 2 * n[2]) if n[1] + 2 * n[2] else 0.5  # tiny data: Ney's estimate, or 1/2
             estimates = {i: i - (i + 1) * y * n[i + 1] / n[i] if n[i] else y for i in (1, 2, 3)}
-            self.discounts[k] = {i: min(max(d, evaluate.MIN_DISCOUNT), i) for i, d in estimates.items()}
+            self.discounts[k] = {i: min(max(d, ngram.MIN_DISCOUNT), i) for i, d in estimates.items()}
         self.followers = {k: defaultdict(list) for k in self.counts}
         for k, counts in self.counts.items():
             for gram, c in counts.items():

@@ -18,7 +18,7 @@ from checkpoint import load_model
 from configurator import UserError
 from dataset import open_dataset, prepare
 from engine import Engine
-from evaluate import whole_split_loss
+from mixture import whole_split_loss
 from model import GPT, GPTConfig
 from quant import GEMM_ROWS, Int8Linear, apply_quantization, check_quantize_mode, quantize_int8
 
