@@ -175,9 +175,9 @@ class InterpolatedKneserNey:
             p = _interpolate(level, p, context, counts)
         return p
 
-    def next_distributions(self, contexts: Sequence[Sequence[int]] | np.ndarray,
-                           device: str | torch.device = "cpu") -> torch.Tensor:
-        """(B, V) float32 on `device`: the next-token distribution after each of B histories (their last
+    def next_distributions(self, contexts: Sequence[Sequence[int]] | np.ndarray, device: str | torch.device = "cpu",
+                           dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(B, V) `dtype` on `device`: the next-token distribution after each of B histories (their last
         order-1 tokens count; rows may differ in length). Built on the device from the constant part and the
         few counts the histories have, so a GPU never moves a whole distribution across."""
         B, W = len(contexts), self.order - 1
@@ -215,20 +215,20 @@ class InterpolatedKneserNey:
             rows.append(row)
             cols.append(level.keys[at] - c[row] * self.vocab_size)
             values.append((counts - level.discounts[np.minimum(counts, 3)]) / safe[row])
-        key = str(device)
+        key = f"{device}:{dtype}"
         if key not in self._dense_on:
-            self._dense_on[key] = torch.as_tensor(self.dense, dtype=torch.float32, device=device)
-        out = self._dense_on[key][None, :] * torch.as_tensor(scale, dtype=torch.float32, device=device)[:, None]
+            self._dense_on[key] = torch.as_tensor(self.dense, dtype=dtype, device=device)
+        out = self._dense_on[key][None, :] * torch.as_tensor(scale, dtype=dtype, device=device)[:, None]
         if rows:
             row, col, value = np.concatenate(rows), np.concatenate(cols), np.concatenate(values)
             out.index_put_((torch.as_tensor(row, device=device), torch.as_tensor(col, device=device)),
-                           torch.as_tensor(value, dtype=torch.float32, device=device), accumulate=True)
+                           torch.as_tensor(value, dtype=dtype, device=device), accumulate=True)
         return out
 
     def probabilities(self, context: Sequence[int]) -> np.ndarray:
         """(V,) the distribution of the next token after `context` (its last order-1 tokens count)."""
         context = check_ids(np.asarray(context, dtype=np.int64), self.vocab_size, "context")
-        return self.next_distributions([context]).double().numpy()[0]
+        return self.next_distributions([context], dtype=torch.float64).numpy()[0]
 
 
 def _level_lookup(level: KneserNeyLevel, grams: list[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -285,7 +285,7 @@ def modified_kneser_ney(train_ids: np.ndarray, vocab_size: int, order: int = DEF
         raise ValueError(f"order must be at least 1, got {order}")
     index = NgramIndex(train_ids, vocab_size, order)
     levels = []
-    raw = {k: raw_counts(index, k) for k in range(2, order + 1)}
+    raw = {k: raw_counts(index, k) for k in range(min(2, order), order + 1)}  # the LOO needs orders 2+
     for k in range(1, order + 1):
         counts = raw[k] if k == order else continuation_counts(index, k)
         levels.append(kneser_ney_level(index, k, counts, modified_discounts(counts)))

@@ -227,7 +227,7 @@ def test_whole_split_loss_takes_an_autocast_dtype_or_context(one_thread):
 
 def test_whole_split_loss_rejects_bad_arguments(one_thread):
     model = tiny_gpt()
-    with pytest.raises(ValueError, match="below block_size"):
+    with pytest.raises(ValueError, match="below the model.s block_size"):
         whole_split_loss(model, np.arange(40), context=16)
     with pytest.raises(ValueError, match="outside 0..49"):
         whole_split_loss(model, np.arange(60), context=4)
