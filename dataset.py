@@ -464,8 +464,10 @@ class Dataset:
         return np.flatnonzero(np.bincount(self.tokens("train"), minlength=self.tokenizer.vocab_size))
 
     def get_batch(self, split: str, batch_size: int, block_size: int, generator: "torch.Generator",
-                  device: str) -> tuple["torch.Tensor", "torch.Tensor"]:
-        """Random blocks of `split` as (inputs, targets shifted by one), each (batch_size, block_size) int64."""
+                  device: str, aligned: np.ndarray | None = None) -> tuple["torch.Tensor", ...]:
+        """Random blocks of `split` as (inputs, targets shifted by one), each (batch_size, block_size) int64;
+        with `aligned` ((N,) or (K, N) floats per token of the split), also its values at the targets,
+        (B, T) or (B, K, T) float32."""
         import torch  # here, not at the top: prepare.py imports this module and should start fast
 
         # A fresh memmap per batch: keeping one open makes its pages count as the process's memory.
@@ -473,9 +475,13 @@ class Dataset:
         starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
         blocks = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in starts]).astype(np.int64))
         x, y = blocks[:, :-1].contiguous(), blocks[:, 1:].contiguous()  # (B, T) each
+        out = [x, y]
+        if aligned is not None:
+            out.append(torch.from_numpy(np.stack([aligned[..., i + 1:i + block_size + 1] for i in starts])
+                                        .astype(np.float32)))  # (B, T)
         if device.startswith("cuda"):
-            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-        return x.to(device), y.to(device)
+            return tuple(t.pin_memory().to(device, non_blocking=True) for t in out)
+        return tuple(t.to(device) for t in out)
 
     def prepare_command(self, vocab: str) -> str:
         """The command that prepares this dataset's text again with the vocabulary file `vocab`."""

@@ -196,10 +196,13 @@ class GPT(nn.Module):
         return model
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
-                pos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                pos: torch.Tensor | None = None, memory: torch.Tensor | None = None,
+                memory_weight: float = 0.5) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) -> (logits, loss). With targets: logits (B, T, V), or (B, T, U+1) in training after
         train_head_on, and the mean cross-entropy (targets of -1 are ignored); without: only the last position's logits, (B, 1, V). pos (T,) are the tokens'
-        positions, 0..T-1 unless given (generation with a cache gives them)."""
+        positions, 0..T-1 unless given (generation with a cache gives them). memory (B, T): the count model's
+        probability of each target; the loss is then that of the mixture (1 - memory_weight) * p_gpt +
+        memory_weight * memory, so the network learns what the counts do not know."""
         T = idx.size(1)
         if pos is None:
             if T > self.config.block_size:
@@ -218,8 +221,16 @@ class GPT(nn.Module):
             targets = self.head_column[targets]
         else:
             logits = self.lm_head(x)  # (B, T, V)
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        if memory is None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+            return logits, loss
+        flat = targets.reshape(-1)
+        log_p = -F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), flat, ignore_index=-1,
+                                 reduction="none")  # (B*T,) ln p_gpt of each target
+        mixed = torch.logaddexp(log_p + math.log(1 - memory_weight),
+                                memory.reshape(-1).float().clamp_min(1e-30).log() + math.log(memory_weight))
+        valid = flat >= 0
+        return logits, -(mixed * valid).sum() / valid.sum().clamp_min(1)
 
     def estimate_mfu(self, fwdbwd_per_iter: int, dt: float, peak_flops: float | None = None) -> float:
         """Model FLOPs utilization of one iteration of dt seconds against peak_flops (default: this

@@ -119,9 +119,10 @@ def set_lr(optimizers: list[torch.optim.Optimizer], factor: float) -> None:
 
 
 def train_step(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], scaler: torch.amp.GradScaler,
-               x: torch.Tensor, y: torch.Tensor, micro_batch: int, rt: Runtime, grad_clip: float) -> torch.Tensor:
+               x: torch.Tensor, y: torch.Tensor, micro_batch: int, rt: Runtime, grad_clip: float,
+               memory: torch.Tensor | None = None, memory_weight: float = 0.5) -> torch.Tensor:
     """One optimizer step over this process's rows x, y (B, T), in micro-batches of micro_batch rows;
-    returns their mean loss (on the device, no host sync)."""
+    returns their mean loss (on the device, no host sync). memory (B, T): train through the mixture (GPT.forward)."""
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     starts = range(0, x.size(0), micro_batch)
     total = torch.zeros((), device=x.device)
@@ -132,7 +133,10 @@ def train_step(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], 
             with rt.autocast():
                 # only the loss is kept: holding the logits (rows, T, V) through backward costs ~0.1 GB per
                 # micro-batch of 8 x 512 in bf16, and twice that at the next forward
-                loss = model(x[rows], y[rows])[1]
+                if memory is None:
+                    loss = model(x[rows], y[rows])[1]
+                else:
+                    loss = model(x[rows], y[rows], memory=memory[rows], memory_weight=memory_weight)[1]
             scaler.scale(loss / len(starts)).backward()
         total += loss.detach().float()
     if grad_clip > 0:

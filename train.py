@@ -21,6 +21,7 @@ from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from checkpoint import check_vocab, checkpoint_state, fine_tune_vocab, model_from_checkpoint, read_checkpoint
@@ -30,6 +31,8 @@ from files import FolderLock, atomic_torch_save, remove_stale_temps
 from gpt2chinese import train_command
 from hf import load_hf_gpt2
 from memory import estimate_report, plan_memory
+from mixture import aligned_parts, fit_mixture, fit_weights, mixture_loss
+from ngram import InterpolatedKneserNey, load_ngram
 from model import GPT, GPTConfig, peak_flops_for
 from optim import decay_start, lr_factor, make_optimizers, set_lr, train_step
 from runtime import Runtime, init_runtime
@@ -53,6 +56,11 @@ DEFAULTS = dict(
     # 红楼梦 uses 4,343 of 13,317, and novel_cpu's step runs 1.8x faster. Off when fine-tuning a model folder,
     # whose other rows hold what it learnt. The saved model is a plain GPT-2 either way.
     used_vocab_head=True,
+    # the novel's memory: a count model of the training text (modified Kneser-Ney of this order; 0 = off), mixed
+    # with the GPT per character wherever the model predicts; its weights are fitted on the val split at the end
+    ngram_order=5,
+    ngram_train=False,  # train the GPT through the mixture (leave-one-out counts on the training text)
+    ngram_train_weight=0.5,  # the memory's weight in that training loss
     # batch: tokens per optimizer step = batch_size * block_size * gradient_accumulation_steps
     batch_size=8,
     gradient_accumulation_steps=4,  # in total, divided among the processes under torchrun
@@ -126,6 +134,12 @@ def check_config(config: dict) -> None:
             raise UserError(f"--{key} must be {' or '.join(choices)}, got {config[key]!r}")
     if not 0 < config["decay_frac"] <= 1 or not 0 <= config["muon_momentum"] < 1:
         raise UserError("--decay_frac must be in (0, 1] and --muon_momentum in [0, 1)")
+    if not 0 <= config["ngram_order"] <= 12:
+        raise UserError(f"--ngram_order must be in 0..12 (0 = no memory), got {config['ngram_order']}")
+    if not 0 < config["ngram_train_weight"] < 1:
+        raise UserError(f"--ngram_train_weight must be in (0, 1), got {config['ngram_train_weight']}")
+    if config["ngram_train"] and not config["ngram_order"]:
+        raise UserError("--ngram_train needs the memory: give --ngram_order above 0")
     if config["n_embd"] % config["n_head"]:
         raise UserError(f"--n_embd {config['n_embd']} must be a multiple of --n_head {config['n_head']}")
     for key in ("dataset", "out_dir", "data_dir"):
@@ -186,20 +200,33 @@ def resumed_model(config: dict, dataset: Dataset) -> tuple[GPT, dict]:
 # ------------------------------------------------------------------ one step, one evaluation
 
 @torch.no_grad()
-def estimate_loss(model: GPT, dataset: Dataset, config: dict, rt: Runtime) -> dict[str, float]:
-    """Mean loss over eval_iters batches per split; the same batches every time, so evals compare."""
+def estimate_loss(model: GPT, dataset: Dataset, config: dict, rt: Runtime,
+                  val_memory: np.ndarray | None = None) -> dict[str, float]:
+    """Mean loss over eval_iters batches per split; the same batches every time, so evals compare.
+    val_memory (2, N_val): the memory's parts on val; then also the mixture's val loss on the same batches."""
     model.tie_unused_rows()  # evaluation runs the whole head
     model.eval()
-    losses = {}
+    losses, parts = {}, []
     for split in ("train", "val"):
         generator = torch.Generator().manual_seed(config["seed"])
         total = 0.0
         for _ in range(config["eval_iters"]):
-            x, y = dataset.get_batch(split, config["batch_size"], config["block_size"], generator, rt.device)
-            with rt.autocast():
-                _, loss = model(x, y)
+            if split == "val" and val_memory is not None:
+                x, y, memory = dataset.get_batch(split, config["batch_size"], config["block_size"], generator,
+                                                 rt.device, aligned=val_memory)  # memory (B, 2, T)
+                with rt.autocast():
+                    logits, loss = model(x, y)
+                p_gpt = torch.softmax(logits.float(), dim=-1).gather(-1, y[..., None])[..., 0]  # (B, T)
+                parts.append(torch.cat([p_gpt[:, None], memory], dim=1).transpose(0, 1).reshape(3, -1).cpu())
+            else:
+                x, y = dataset.get_batch(split, config["batch_size"], config["block_size"], generator, rt.device)
+                with rt.autocast():
+                    _, loss = model(x, y)
             total += loss.item()
         losses[split] = total / config["eval_iters"]
+    if parts:
+        parts = torch.cat(parts, dim=1).double().numpy()
+        losses["val_mixture"] = mixture_loss(parts, fit_weights(parts))
     model.train()
     return losses
 
@@ -324,18 +351,23 @@ class Run:
     max_iters: int
     tokens_per_iter: int
     fingerprint: str  # the dataset as it was when the run began
+    counts: InterpolatedKneserNey | None = None  # the memory (ngram_order > 0)
+    train_memory: np.ndarray | None = None  # (N_train,) leave-one-out p_ngram of each training token (ngram_train)
+    val_memory: np.ndarray | None = None  # (2, N_val) p_ngram and p_cache of each val token
     iter_num: int = 0
     best_val_loss: float = math.inf
     best_iter: int = 0
     stale_evals: int = 0  # evaluations since the val loss last improved
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's rows of the next optimizer step: (batch_size * accumulation, block_size) each."""
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """This rank's rows of the next optimizer step: (batch_size * accumulation, block_size) each, and the
+        memory's probabilities of the targets when training through the mixture (else None)."""
         rows = self.config["batch_size"] * self.config["gradient_accumulation_steps"] // self.rt.world_size
-        x, y = self.dataset.get_batch("train", rows * self.rt.world_size, self.config["block_size"],
-                                      self.batch_generator, self.rt.device)
+        batch = self.dataset.get_batch("train", rows * self.rt.world_size, self.config["block_size"],
+                                       self.batch_generator, self.rt.device, aligned=self.train_memory)
         mine = slice(self.rt.rank * rows, (self.rt.rank + 1) * rows)
-        return x[mine], y[mine]
+        x, y = batch[0][mine], batch[1][mine]
+        return x, y, batch[2][mine] if self.train_memory is not None else None
 
     def state(self, full: bool) -> dict:
         """ckpt.pt's contents; with full, what resume needs on top: optimizer, scaler and RNG states."""
@@ -420,6 +452,12 @@ def setup_run(config: dict, rt: Runtime, stack: ExitStack) -> Run:
               torch.Generator().manual_seed(config["seed"]), MetricsLog(out_dir, config, rt, fresh=checkpoint is None),
               max_iters, tokens_per_iter, dataset.fingerprint())
     stack.callback(run.log.close)
+    if config["ngram_order"]:
+        run.counts = load_ngram(dataset.folder, dataset.tokens("train"), dataset.tokenizer.vocab_size,
+                                run.fingerprint, config["ngram_order"])
+        run.val_memory = aligned_parts(run.counts, np.asarray(dataset.tokens("val")))
+        if config["ngram_train"]:
+            run.train_memory = run.counts.leave_one_out
     if checkpoint is not None:
         run.restore(checkpoint)
     if rt.master:
@@ -442,16 +480,22 @@ def evaluate_and_save(run: Run) -> dict[str, float]:
     if run.dataset.fingerprint() != run.fingerprint:
         raise UserError(f"{run.dataset.folder} was prepared again during training; stopped (the last good "
                         "checkpoint is kept). Prepare new data under another --name while a run uses it")
-    losses = estimate_loss(run.raw_model, run.dataset, run.config, run.rt)
+    losses = estimate_loss(run.raw_model, run.dataset, run.config, run.rt, run.val_memory)
     if not all(map(math.isfinite, losses.values())):
         raise FloatingPointError(f"the loss became {losses['train']} at iteration {run.iter_num}")
     val = losses["val"]
     if run.rt.master:
+        mixed = f", with the memory {losses['val_mixture']:.4f}" if "val_mixture" in losses else ""
         print(f"iter {run.iter_num}: train loss {losses['train']:.4f}, val loss {val:.4f} "
-              f"({val / math.log(2):.3f} bits/char, perplexity {math.exp(val):.1f})")
-        run.log.log({"iter": run.iter_num, "tokens": run.iter_num * run.tokens_per_iter,
-                     "train_loss": losses["train"], "val_loss": val, "val_bits_per_char": val / math.log(2),
-                     "val_perplexity": math.exp(val)})
+              f"({val / math.log(2):.3f} bits/char, perplexity {math.exp(val):.1f}){mixed}")
+        record = {"iter": run.iter_num, "tokens": run.iter_num * run.tokens_per_iter,
+                  "train_loss": losses["train"], "val_loss": val, "val_bits_per_char": val / math.log(2),
+                  "val_perplexity": math.exp(val)}
+        if "val_mixture" in losses:
+            record["val_mixture"] = losses["val_mixture"]
+        run.log.log(record)
+    if run.config["ngram_train"]:
+        val = losses["val_mixture"]  # the network is trained for the mixture: keep the best mixture
     if val < run.best_val_loss:
         run.best_val_loss, run.best_iter, run.stale_evals = val, run.iter_num, 0
         save(run, "ckpt.pt", full=False)
@@ -496,13 +540,14 @@ def log_progress(run: Run, loss: float, lr: float, timed_iters: int, elapsed: fl
     run.log.log(record)
 
 
-def step_surviving_oom(run: Run, x: torch.Tensor, y: torch.Tensor, micro_batch: int) -> tuple[torch.Tensor, int]:
+def step_surviving_oom(run: Run, x: torch.Tensor, y: torch.Tensor, micro_batch: int,
+                       memory: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """train_step, redone with half the micro-batch (twice the accumulation, so the same rows and tokens per
     step) whenever the GPU runs out of memory; returns the loss and the micro-batch that fitted."""
     while True:
         try:
             return train_step(run.model, run.optimizers, run.scaler, x, y, micro_batch, run.rt,
-                              run.config["grad_clip"]), micro_batch
+                              run.config["grad_clip"], memory, run.config["ngram_train_weight"]), micro_batch
         except torch.cuda.OutOfMemoryError:
             if micro_batch == 1:
                 raise UserError(f"out of GPU memory at micro-batch 1 (iteration {run.iter_num}); use a smaller "
@@ -599,8 +644,8 @@ def train(config: dict) -> dict:
                     break
                 factor = lr_factor(run.iter_num, config, run.max_iters)
                 set_lr(run.optimizers, factor)
-                x, y = run.next_batch()
-                loss, micro_batch = step_surviving_oom(run, x, y, micro_batch)
+                x, y, memory = run.next_batch()
+                loss, micro_batch = step_surviving_oom(run, x, y, micro_batch, memory)
                 loss_sum += loss
                 run.iter_num += 1
                 timed_iters += 1
@@ -620,6 +665,8 @@ def train(config: dict) -> dict:
                               f"  python {' '.join(sys.argv)} --init_from=resume")
                     stopped = True
                     break
+            if rt.master and run.counts is not None and not stopped:
+                attach_mixture(run)
             if rt.ddp:
                 check_ranks_in_sync(run.raw_model, rt.master)
                 # every rank done before any tears gloo down: otherwise one sometimes aborted at exit
@@ -631,6 +678,23 @@ def train(config: dict) -> dict:
     return {"iter_num": run.iter_num, "max_iters": run.max_iters, "best_val_loss": run.best_val_loss,
             "best_iter": run.best_iter,
             "train_loss": losses.get("train"), "val_loss": losses.get("val"), "stopped": stopped}
+
+
+def attach_mixture(run: Run) -> None:
+    """Fit the mixture's weights for the best checkpoint on the whole val split and store them in ckpt.pt."""
+    path = run.out_dir / "ckpt.pt"
+    if not path.exists():
+        return
+    checkpoint = read_checkpoint(path)
+    model, _ = model_from_checkpoint(checkpoint, path)
+    record = fit_mixture(model.to(run.rt.device), run.counts, np.asarray(run.dataset.tokens("val")),
+                         run.fingerprint, autocast=run.rt.autocast())
+    checkpoint["mixture"] = record
+    atomic_torch_save(checkpoint, path)
+    val, w = record["val"], record["weights"]
+    print(f"the memory: whole val split {val['model']:.4f} (GPT), {val['ngram']:.4f} ({record['order']}-gram), "
+          f"{val['mixture']:.4f} mixed (weights GPT {w['gpt']:.2f}, n-gram {w['ngram']:.2f}, cache "
+          f"{w['cache']:.2f}); stored in {path}")
 
 
 def check_ranks_in_sync(model: GPT, master: bool) -> None:
