@@ -1,17 +1,16 @@
 """
-How good is a model on a novel: n-gram baselines and a GPT's loss on a whole split, in nats per token.
+How good is a model on a novel, in nats per character on a whole split: the GPT alone, the memory (the
+dataset's n-gram) alone, and the two mixed as sample.py mixes them.
 
-    python evaluate.py --out_dir out-novel-cpu --baseline     # val split: model, KN trigram, modified-KN 5-gram
+    python evaluate.py --out_dir out-novel-cpu               # val split: model, n-gram, mixture, two-fold
+    python evaluate.py --out_dir out-novel-cpu --json        # the same as one JSON object, for scripts
+    python evaluate.py --out_dir out-novel-cpu --baseline    # also the KN trigram and modified-KN 5-gram
     python evaluate.py --init_from model/final_model --text chapter.txt --dataset mynovel
-
-    kneser_ney_trigram_loss(train_ids, val_ids, vocab_size)       # the bar config/novel_cpu.py must beat
-    modified_kneser_ney_loss(train_ids, val_ids, vocab_size, 5)   # the strongest count-based baseline
-    whole_split_loss(model, val_ids, context=64)                  # a GPT on every token of val
-    loss_report(nats)                                             # nats, bits and perplexity on one line
 
 One token is one character with our vocabulary, so nats per token are nats per character.
 """
 
+import json
 import math
 from pathlib import Path
 
@@ -21,8 +20,9 @@ import torch
 from checkpoint import check_vocab, load_model, read_checkpoint, resolve_source
 from configurator import UserError, exit_with_error, get_config
 from dataset import open_dataset
-from mixture import whole_split_loss
-from ngram import kneser_ney_trigram_loss, modified_kneser_ney_loss
+from files import FolderLock, atomic_torch_save
+from mixture import PARTS, fit_mixture, mean_nats_of, memory_parts, mixture_loss, token_log_probs, two_fold_loss
+from ngram import DEFAULT_ORDER, kneser_ney_trigram_loss, load_ngram, modified_kneser_ney_loss
 from runtime import init_runtime
 
 # ------------------------------------------------------------------ reporting
@@ -42,45 +42,98 @@ DEFAULTS = dict(
     data_dir="",  # default: the checkpoint's own
     text="",  # a UTF-8 text file to score instead of the dataset's val split
     context=64,  # every character is scored with at least this many characters of context
+    ngram="on",  # on: also the memory (the dataset's n-gram) and the mixture; off: the GPT alone
+    refit=False,  # fit the mixture's weights on the val split again (after preparing the dataset again)
     baseline=False,  # also print the Kneser-Ney trigram and modified Kneser-Ney 5-gram of the dataset
+    json=False,  # print one JSON object (model, ngram, mixture, two_fold in nats per character) and nothing else
     device="auto",
     dtype="float32",  # the scoring precision; float32 is exact, bfloat16 faster where the CPU computes it natively
     quantize="none",  # int8: score the model with int8 weights, as sample.py --quantize=int8 decodes (CPU)
 )
 
 
+def refit_command(source: str) -> str:
+    return f"python evaluate.py --out_dir={source} --refit=True"
+
+
+def mixture_weights(checkpoint: dict, path: str, data, counts, model, config: dict, rt, say) -> np.ndarray:
+    """The weights the checkpoint carries, or weights fitted on the dataset's val split (then stored in a run's
+    ckpt.pt, so that sample.py and serve.py mix the same way)."""
+    stored = checkpoint.get("mixture")
+    if stored and not config["refit"]:
+        if stored["dataset_fingerprint"] != data.fingerprint():
+            raise UserError(f"{data.folder} was prepared again after {path}'s mixture was fitted; fit it again: "
+                            f"{refit_command(path)}")
+        return np.array([stored["weights"][part] for part in PARTS])
+    record = fit_mixture(model, counts, np.asarray(data.tokens("val")), data.fingerprint(),
+                         context=config["context"], autocast=rt.dtype)
+    if path.endswith(".pt"):
+        checkpoint["mixture"] = record
+        try:
+            with FolderLock(Path(path).parent, "evaluation"):
+                atomic_torch_save(checkpoint, path)
+            say(f"  fitted the mixture's weights on {data.folder} val and stored them in {path}")
+        except UserError as e:
+            say(f"  note: the fitted weights are not stored ({e})")
+    return np.array([record["weights"][part] for part in PARTS])
+
+
 def evaluate(config: dict) -> dict[str, float]:
-    """Print and return the model's loss on the val split (or --text) and, with --baseline, the n-grams'."""
+    """Print and return the model's loss on the val split (or --text), the memory's and the mixture's;
+    with --baseline, the n-grams'."""
     rt = init_runtime(config["device"], config["dtype"], compile=False)
+    say = (lambda line: None) if config["json"] else print
     source = config["init_from"] or config["out_dir"]
     path = resolve_source(source)
     model, tok = load_model(path, config["vocab"], rt.device, quantize=config["quantize"])
-    trained_on = read_checkpoint(path).get("config", {}) if path.endswith(".pt") else {}
+    checkpoint = read_checkpoint(path) if path.endswith(".pt") else {}
+    trained_on = checkpoint.get("config", {})
     name = config["dataset"] or trained_on.get("dataset", "")
     data_dir = config["data_dir"] or trained_on.get("data_dir", "data")
+    data = None
+    if name:
+        data = open_dataset(data_dir, name)
+        check_vocab(tok, path, data.tokenizer, str(data.folder), "score the dataset it was trained on")
     results = {}
     if config["text"]:
         try:
             text = Path(config["text"]).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"cannot read --text {config['text']} as UTF-8: {e}") from None
-        ids, what = tok.encode(text), config["text"]
+        ids, what = np.asarray(tok.encode(text)), config["text"]
     else:
-        if not name:
+        if data is None:
             raise UserError(f"{path} does not say which dataset it was trained on; give --dataset (or --text)")
-        data = open_dataset(data_dir, name)
-        check_vocab(tok, path, data.tokenizer, str(data.folder), "score the dataset it was trained on")
         ids, what = np.asarray(data.tokens("val")), f"{data.folder} val split"
-    print(f"{what}: {len(ids):,} characters, each scored with at least {config['context']} of context")
-    results["model"] = whole_split_loss(model, ids, context=config["context"], autocast=rt.dtype)
-    print(f"  model {source}: {loss_report(results['model'])}")
+    say(f"{what}: {len(ids):,} characters, each scored with at least {config['context']} of context")
+    p_gpt = np.exp(token_log_probs(model, ids, context=config["context"], autocast=rt.dtype))
+    results["model"] = mean_nats_of(p_gpt)
+    say(f"  model {source}: {loss_report(results['model'])}")
+    if config["ngram"] == "on" and data is None:
+        say("  the GPT alone: no dataset named, so no memory to mix (give --dataset=<the one it was trained on>)")
+    elif config["ngram"] == "on":
+        order = checkpoint.get("mixture", {}).get("order", DEFAULT_ORDER)
+        counts = load_ngram(data.folder, data.tokens("train"), tok.vocab_size, data.fingerprint(), order)
+        weights = mixture_weights(checkpoint, path, data, counts, model, config, rt, say)
+        parts = np.concatenate([p_gpt[None], memory_parts(counts, ids)])
+        results["ngram"] = mean_nats_of(parts[1])
+        results["mixture"] = mixture_loss(parts, weights)
+        results["two_fold"] = two_fold_loss(parts)
+        say(f"  the memory alone ({order}-gram of {data.folder} train): {loss_report(results['ngram'])}")
+        say(f"  mixture (GPT {weights[0]:.2f}, {order}-gram {weights[1]:.2f}, cache {weights[2]:.2f}): "
+            f"{loss_report(results['mixture'])}")
+        say(f"  mixture, weights fitted on one half and scored on the other (two-fold): "
+            f"{loss_report(results['two_fold'])}")
     if config["baseline"]:
-        data = open_dataset(data_dir, name)
+        if data is None:
+            raise UserError("--baseline needs the dataset: give --dataset")
         train_ids = np.asarray(data.tokens("train"))
         results["trigram"] = kneser_ney_trigram_loss(train_ids, ids, tok.vocab_size)
         results["kn5"] = modified_kneser_ney_loss(train_ids, ids, tok.vocab_size, order=5)
-        print(f"  Kneser-Ney trigram: {loss_report(results['trigram'])}")
-        print(f"  modified Kneser-Ney 5-gram: {loss_report(results['kn5'])}")
+        say(f"  Kneser-Ney trigram: {loss_report(results['trigram'])}")
+        say(f"  modified Kneser-Ney 5-gram: {loss_report(results['kn5'])}")
+    if config["json"]:
+        print(json.dumps(results))
     return results
 
 
@@ -89,6 +142,8 @@ def main(argv: list[str] | None = None) -> None:
         config = get_config(DEFAULTS, argv)
         if config["context"] < 0:
             raise UserError(f"--context must be 0 or more, got {config['context']}")
+        if config["ngram"] not in ("on", "off"):
+            raise UserError(f"--ngram must be on or off, got {config['ngram']!r}")
         evaluate(config)
     except UserError as e:
         exit_with_error(e)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -407,7 +408,7 @@ def _load(path: Path, order: int, vocab_size: int, fingerprint: str) -> Interpol
             model = InterpolatedKneserNey(index, levels, f["base"])
             model.leave_one_out = f["leave_one_out"]
             return model
-    except (OSError, KeyError, ValueError, UnicodeDecodeError):  # no cache yet, or a damaged one: build again
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):  # none yet, or damaged: build again
         return None
 
 
