@@ -15,6 +15,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch.nn import functional as F
 
+from mixture import Memory
 from model import GPT, KVCache
 from tokenizer import Tokenizer
 
@@ -72,8 +73,9 @@ def sample_next(logits: torch.Tensor, seen: torch.Tensor, temperature: float, to
 class Engine:
     """A model ready to generate: its KV cache (kept between calls of one batch size) and its one-token step."""
 
-    def __init__(self, model: GPT):
+    def __init__(self, model: GPT, memory: Memory | None = None):
         self.model = model.eval()
+        self.memory = memory  # mixed into every step's distribution (mixture.py); None: the GPT alone
         self.cache: KVCache | None = None
         self.compiled = False
         self._step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
@@ -131,13 +133,19 @@ class Engine:
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         self.cache.limit = window.size(1)  # eager passes read only the filled slots
         logits = self._forward(window, torch.arange(window.size(1), device=device))  # prefill: one pass
+        histories = idx.tolist() if self.memory is not None else None  # the memory looks them up on the host
         for step in range(max_new_tokens):
+            if histories is not None:  # sampling settings then apply to the mixed distribution
+                logits = self.memory.mix(logits, histories)
             token = sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty, banned, generator)
             yield torch.where(finished, -1, token)
             finished |= torch.isin(token, stops)
             if step == max_new_tokens - 1 or (stops.numel() and finished.all()):
                 return
             seen.scatter_(1, token[:, None], True)
+            if histories is not None:
+                for history, new in zip(histories, token.tolist()):
+                    history.append(new)
             n_cached = window.size(1)
             window = torch.cat([window, token[:, None]], dim=1)
             if n_cached == block_size:  # no free slot: keep the recent half and rebuild the cache

@@ -187,3 +187,31 @@ def fit_mixture(model: torch.nn.Module, counts: InterpolatedKneserNey, val_ids: 
 
 def mean_nats_of(p: np.ndarray) -> float:
     return float(-np.log(np.maximum(p, 1e-300)).mean())
+
+
+# ------------------------------------------------------------------ at generation time
+
+class Memory:
+    """The mixture as the engine applies it to every decode step: the GPT's distribution, the n-gram's after each
+    row's history, and the share of each token in the row's last cache_size tokens."""
+
+    def __init__(self, counts: InterpolatedKneserNey, weights: np.ndarray, cache_size: int = DEFAULT_CACHE_SIZE):
+        self.counts, self.cache_size = counts, cache_size
+        self.weights = [float(w) for w in weights]  # gpt, ngram, cache; sum to 1
+
+    def mix(self, logits: torch.Tensor, histories: list[list[int]]) -> torch.Tensor:
+        """(B, V) GPT logits and each row's tokens so far -> (B, V) log-probabilities of the mixture."""
+        w_gpt, w_ngram, w_cache = self.weights
+        mixed = torch.softmax(logits.float(), dim=-1) * w_gpt
+        order = self.counts.order
+        contexts = [h[len(h) - order + 1:] if order > 1 else [] for h in histories]
+        mixed += self.counts.next_distributions(contexts, logits.device) * w_ngram
+        if w_cache > 0:
+            recent = [h[-self.cache_size:] for h in histories]
+            width = max(map(len, recent))
+            tokens = torch.tensor([r + [0] * (width - len(r)) for r in recent], device=logits.device)  # (B, W)
+            present = torch.tensor([[1.0] * len(r) + [0.0] * (width - len(r)) for r in recent],
+                                   device=logits.device)
+            shares = torch.zeros_like(mixed).scatter_add_(1, tokens, present / present.sum(1, keepdim=True))
+            mixed += shares * w_cache
+        return mixed.clamp_min(1e-30).log()

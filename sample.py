@@ -24,7 +24,7 @@ import time
 from dataclasses import fields
 from typing import Callable, NamedTuple
 
-from checkpoint import load_model, resolve_source
+from checkpoint import load_memory, load_model, resolve_source
 from configurator import UserError, exit_with_error, get_config
 from copycheck import CopyIndex, copy_index_for, copy_summary
 from engine import Engine, SamplingSettings
@@ -54,6 +54,9 @@ DEFAULTS = dict(
     save_samples_path="samples",
     interactive=False,  # continue each line typed in the terminal, until Ctrl-D
     min_copy=12,  # report spans of this many characters copied verbatim from the training text; 0 = off
+    ngram="on",  # on: mix the novel's memory (its n-gram and recent text) into every step; off: the GPT alone
+    dataset="",  # the dataset whose memory a model folder mixes in (a run's checkpoint names its own)
+    data_dir="",  # default: the checkpoint's own, else data
 )
 # GPT2-Chinese generate.py's option names, so commands copied from its READMEs work unchanged
 ALIASES = dict(length="max_new_tokens", prefix="start", nsamples="num_samples", topk="top_k", topp="top_p",
@@ -242,7 +245,11 @@ def main(argv: list[str] | None = None) -> None:
         if config["min_copy"] > 0:
             index, note = copy_index_for(path, tok)
             print(note, file=sys.stderr)
-        engine = Engine(model)
+        if config["ngram"] not in ("on", "off"):
+            raise UserError(f"--ngram must be on or off, got {config['ngram']!r}")
+        memory, note = load_memory(path, tok, model, config["ngram"], config["dataset"], config["data_dir"])
+        print(f"note: {note}", file=sys.stderr)
+        engine = Engine(model, memory)
         if rt.compile:
             print("note: compiling the decode step; the first tokens wait for it", file=sys.stderr)
             engine.compile()
