@@ -281,18 +281,30 @@ def wandb_mode() -> str:
 
 
 def plot_losses(metrics_path: Path) -> None:
-    """loss.png beside metrics.jsonl: train and val loss against tokens seen."""
+    """loss.png beside metrics.jsonl: train and val loss against tokens seen, the mixture's val loss, and the
+    memory alone (the n-gram) as a line to beat; the y-axis shows the part of the run that matters, not the
+    first evaluation's 9+ nats."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     records = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines()]
     fig, ax = plt.subplots(figsize=(8, 5))
-    for key, label in (("loss", "train (batch)"), ("val_loss", "val")):
+    shown = []
+    for key, label in (("loss", "train (batch)"), ("val_loss", "val, the GPT alone"),
+                       ("val_mixture", "val, mixed with the memory")):
         points = [(r["tokens"], r[key]) for r in records if key in r]
         if points:
-            ax.plot(*zip(*points), label=label, marker="o" if key == "val_loss" else None)
+            ax.plot(*zip(*points), label=label, marker="o" if key != "loss" else None)
+            shown += [v for t, v in points if t > 0]
+    ngram = next((r["val_ngram"] for r in records if "val_ngram" in r), None)
+    if ngram is not None:
+        ax.axhline(ngram, color="grey", linestyle="--", label=f"val, the n-gram alone ({ngram:.3f})")
+        shown.append(ngram)
+    if shown:  # from a little under the best to 1.5 nats above the n-gram (or the best): where runs differ
+        low, high = min(shown), max(shown)
+        ax.set_ylim(low - 0.1, min(high, (ngram if ngram is not None else low) + 1.5) + 0.1)
     ax.set_xlabel("tokens seen")
-    ax.set_ylabel("loss (nats per token)")
+    ax.set_ylabel("loss (nats per character)")
     ax.legend()
     ax.grid(alpha=0.3)
     tmp = metrics_path.with_name(f".loss.{os.getpid()}.tmp.png")
@@ -493,6 +505,7 @@ def evaluate_and_save(run: Run) -> dict[str, float]:
                   "val_perplexity": math.exp(val)}
         if "val_mixture" in losses:
             record["val_mixture"] = losses["val_mixture"]
+            record["val_ngram"] = float(-np.log(run.val_memory[0][1:]).mean())  # the memory alone, whole split
         run.log.log(record)
     if run.config["ngram_train"]:
         val = losses["val_mixture"]  # the network is trained for the mixture: keep the best mixture
