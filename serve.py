@@ -262,6 +262,9 @@ def validation_message(errors: list[dict]) -> str:
                                                          else ""))
             continue
         where = ".".join(clip(str(part)) for part in error.get("loc", ()) if part != "body") or "body"
+        if where == "body" and error.get("type") == "missing":
+            parts.append("the body is empty; send a JSON object")
+            continue
         got = error.get("input")
         # a number is shown when it is short: not NaN, not an integer of 400 digits
         number = isinstance(got, float) and math.isfinite(got) or isinstance(got, int) and abs(got) < 10**15
