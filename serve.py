@@ -514,6 +514,9 @@ def main(argv: list[str] | None = None) -> None:
         default_out = not config["init_from"] and config["out_dir"] == DEFAULTS["out_dir"]
         path = resolve_source(config["init_from"] or config["out_dir"], newest_fallback=default_out)
         model, tok = load_model(path, config["vocab"], rt.device, rt.dtype, quantize=config["quantize"])
+        if defaults.top_k > tok.vocab_size:  # every request from the page, which starts with it, would get 422
+            raise UserError(f"--top_k must be at most {tok.vocab_size} (the vocabulary size; 0 = off), "
+                            f"got {defaults.top_k}")
         engine = Engine(model)
         if rt.compile:
             print("note: compiling the decode step; the first request waits for it", file=sys.stderr)

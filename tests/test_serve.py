@@ -519,3 +519,13 @@ def test_ctrl_c_during_a_stream_ends_every_stream_quietly(run: TinyRun):
     for text in ("Traceback", "Exception in ASGI", "CancelledError", "Cancel "):
         assert text not in err, err
     assert err.rstrip().endswith("stopped")
+
+
+def test_command_line_top_k_beyond_the_vocabulary_is_one_line(run: TinyRun, capfd: pytest.CaptureFixture):
+    """The page starts with the server's --top_k; one that no request may send is refused at start-up."""
+    with pytest.raises(SystemExit) as exit_info:
+        serve_main(["--out_dir", str(run.out_dir), "--port=0", "--device=cpu", "--copy_check=False",
+                    "--top_k=1000"])
+    assert exit_info.value.code == 2
+    assert capfd.readouterr().err == (f"error: --top_k must be at most {run.tok.vocab_size} (the vocabulary size; "
+                                      "0 = off), got 1000\n")
