@@ -1,5 +1,6 @@
 """serve.py: the writing page's API on a tiny model trained here. Streaming over a real socket (uvicorn in a
-thread), stop and disconnect, the queue, 422 answers, the host check, and the command line with Ctrl-C."""
+thread), stop and disconnect, the queue, 422 answers, the host and origin checks, short JSON refusals for every bad
+request, and the command line with Ctrl-C (quiet mid-stream)."""
 
 import json
 import os
@@ -529,3 +530,19 @@ def test_command_line_top_k_beyond_the_vocabulary_is_one_line(run: TinyRun, capf
     assert exit_info.value.code == 2
     assert capfd.readouterr().err == (f"error: --top_k must be at most {run.tok.vocab_size} (the vocabulary size; "
                                       "0 = off), got 1000\n")
+
+
+def test_on_the_network_the_origin_must_match_the_host(run: TinyRun, capfd: pytest.CaptureFixture):
+    """Served with --host 0.0.0.0 (no Host check), a page opened as http://192.168.1.5:PORT is the server's own
+    page there; any other origin, loopback names included, is refused."""
+    with running_server(make_app(run, allowed_hosts=None)) as base, httpx.Client(timeout=30) as client:
+        port = int(base.rsplit(":", 1)[1])
+        body = {"prompt": PROMPT, "max_new_tokens": 5}
+        lan = {"Host": f"192.168.1.5:{port}"}
+        with client.stream("POST", base + "/api/generate", json=body,
+                           headers={**lan, "Origin": f"http://192.168.1.5:{port}"}) as response:
+            assert response.status_code == 200 and list(events(response))[-1][0] == "done"
+        for headers in ({**lan, "Origin": f"http://localhost:{port}"}, {**lan, "Origin": "http://192.168.1.5"},
+                        {"Origin": f"http://192.168.1.5:{port}"}):
+            assert_short_error(client.post(base + "/api/generate", json=body, headers=headers), 403, REFUSED)
+    assert_no_traceback(capfd)
