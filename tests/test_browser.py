@@ -117,11 +117,13 @@ ATTACK = """<!doctype html><meta charset="utf-8"><title>another site</title><ifr
 <script>
 const target = "TARGET", body = JSON.stringify({prompt: "PROMPT", max_new_tokens: 5}), results = [];
 (async () => {
-  await fetch(target + "/api/generate", {method: "POST", mode: "no-cors", headers: {"Content-Type": "text/plain"}, body})
+  await fetch(target + "/api/generate",
+              {method: "POST", mode: "no-cors", headers: {"Content-Type": "text/plain"}, body})
     .then(() => results.push("no-cors sent"), () => results.push("no-cors failed"));
   await fetch(target + "/api/generate", {method: "POST", headers: {"Content-Type": "application/json"}, body})
     .then(r => results.push("json read " + r.status), () => results.push("json blocked"));
-  await fetch(target + "/api/info").then(r => results.push("info read " + r.status), () => results.push("info blocked"));
+  await fetch(target + "/api/info")
+    .then(r => results.push("info read " + r.status), () => results.push("info blocked"));
   navigator.sendBeacon(target + "/api/stop", new Blob([JSON.stringify({id: "x"})], {type: "text/plain"}));
   document.getElementById("form").submit();
   document.title = "done: " + results.join(", ");
