@@ -21,6 +21,7 @@ import contextlib
 import errno
 import ipaddress
 import json
+import math
 import random
 import secrets
 import socket
@@ -32,6 +33,7 @@ from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import AsyncIterator, Iterator
+from urllib.parse import urlsplit
 
 import torch
 import uvicorn
@@ -40,6 +42,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
 
 from checkpoint import load_model, resolve_source
 from configurator import UserError, exit_with_error, get_config
@@ -52,6 +55,11 @@ STATIC = Path(__file__).resolve().parent / "static"
 FRAME_SECONDS = 0.015  # tokens generated within one frame go out as one event: fewer, fuller messages
 KEEPALIVE_SECONDS = 5.0  # a waiting request sends a comment this often, so a vanished client is noticed
 MAX_CANDIDATES = 4
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")  # every other method changes state, and gets the cross-site checks
+MAX_ERRORS_SHOWN = 3  # an error reply names at most this many problems, so that it stays short
+STOPPING = "the server is stopping; start it again to go on"
+# pydantic's words where they say little to a writer: JSON can carry a lone surrogate (\ud800), which no text has
+MESSAGES = {"string_unicode": "not valid Unicode text (it holds a lone surrogate such as \\ud800)"}
 
 TYPES = dict(compile=bool)  # keys whose default None means auto
 DEFAULTS = dict(
@@ -121,6 +129,7 @@ class Scheduler:
         self.running: Job | None = None
         self.jobs: dict[str, Job] = {}  # waiting or running, by id: what /api/stop can reach
         self.wake = asyncio.Event()
+        self.closing = False  # set when the server begins to stop: no new jobs, and every stream ends
         # one thread: torch runs there, and a generator is only ever resumed by the thread that made it
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
 
@@ -146,6 +155,14 @@ class Scheduler:
             self.jobs.pop(job.id, None)
             job.events.put_nowait(None)
             self._announce()
+
+    def stop_all(self) -> None:
+        """The server is stopping: every stream ends at once (a waiting one is told why), so that uvicorn's
+        grace period never runs out and cancels a response mid-stream, a traceback in the terminal."""
+        self.closing = True
+        for job in list(self.waiting) + ([self.running] if self.running else []):
+            job.events.put_nowait(("error", {"message": STOPPING}))
+            self.cancel(job)
 
     async def run(self) -> None:
         """The worker: forever take the oldest waiting job and generate for it."""
@@ -209,7 +226,8 @@ def request_model(limits: Limits, vocab_size: int) -> type[BaseModel]:
     """The body of /api/generate, its bounds taken from the server's limits."""
 
     class GenerateRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+        # NaN and Infinity are JSON to Python's parser, but no setting: they are refused as not finite
+        model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
         prompt: str = Field(min_length=1, max_length=limits.max_prompt_chars)
         max_new_tokens: int = Field(200, ge=1, le=limits.max_new_tokens)
         num_samples: int = Field(1, ge=1, le=MAX_CANDIDATES)
@@ -223,18 +241,67 @@ def request_model(limits: Limits, vocab_size: int) -> type[BaseModel]:
 
 
 class StopRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     id: str = Field(min_length=1, max_length=64)
 
 
+def clip(text: str, limit: int = 40) -> str:
+    """A piece of a request, safe to put in a short reply: at most limit characters, and valid UTF-8."""
+    text = text if len(text) <= limit else text[:limit - 1] + "…"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")  # a lone surrogate becomes \ud800
+
+
 def validation_message(errors: list[dict]) -> str:
-    """Pydantic's errors as one line: 'max_new_tokens: Input should be less than or equal to 2000 (got 5000)'."""
+    """Pydantic's errors as one short line: 'max_new_tokens: Input should be less than or equal to 2000 (got
+    5000)'. The input is never repeated, only a short finite number, and the names of at most 3 fields."""
     parts = []
-    for error in errors:
-        where = ".".join(str(part) for part in error.get("loc", ()) if part != "body") or "body"
+    for error in errors[:MAX_ERRORS_SHOWN]:
+        if error.get("type") == "json_invalid":
+            position = next((p for p in error.get("loc", ()) if isinstance(p, int)), None)
+            parts.append("the body is not valid JSON" + (f" (at character {position})" if position is not None
+                                                         else ""))
+            continue
+        where = ".".join(clip(str(part)) for part in error.get("loc", ()) if part != "body") or "body"
+        if where == "body" and error.get("type") == "missing":
+            parts.append("the body is empty; send a JSON object")
+            continue
         got = error.get("input")
-        shown = f" (got {got!r})" if isinstance(got, (int, float)) and not isinstance(got, bool) else ""
-        parts.append(f"{where}: {error.get('msg', 'invalid')}{shown}")
+        # a number is shown when it is short: not NaN, not an integer of 400 digits
+        number = isinstance(got, float) and math.isfinite(got) or isinstance(got, int) and abs(got) < 10**15
+        shown = f" (got {got!r})" if number and not isinstance(got, bool) else ""
+        message = MESSAGES.get(error.get("type"), str(error.get("msg", "invalid")))
+        parts.append(f"{where}: {clip(message, 200)}{shown}")
+    if len(errors) > MAX_ERRORS_SHOWN:
+        parts.append(f"and {len(errors) - MAX_ERRORS_SHOWN} more")
     return "; ".join(parts)
+
+
+def error_reply(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    """Every refusal: {"error": one short line}, and nothing of the request in it."""
+    return JSONResponse({"error": clip(message, 500)}, status_code=status, headers=headers)
+
+
+def split_host(value: str, default_port: int) -> tuple[str, int] | None:
+    """'127.0.0.1:8000' or '[::1]' as (host, port); None for what is not a host and port."""
+    if not value or any(c in value for c in "/?#@\\ "):
+        return None
+    try:
+        parts = urlsplit("//" + value)
+        return (parts.hostname, parts.port or default_port) if parts.hostname else None
+    except ValueError:  # a port that is not a number, or out of range
+        return None
+
+
+def same_origin(origin: str, host: tuple[str, int], loopback_names: list[str] | None) -> bool:
+    """Whether an Origin header names this server as the request reached it (host and port), or, on loopback,
+    another loopback name of it with the same port (http://localhost:PORT for http://127.0.0.1:PORT)."""
+    parts = urlsplit(origin)
+    if parts.scheme not in ("http", "https") or parts.path or parts.query or parts.username:
+        return False  # also "null", the origin of a sandboxed frame or a file:// page
+    named = split_host(parts.netloc, 443 if parts.scheme == "https" else 80)
+    if named is None or named[1] != host[1]:
+        return False
+    return named[0] == host[0] or bool(loopback_names) and named[0] in loopback_names and host[0] in loopback_names
 
 
 def sse(event: str, data: dict) -> str:
@@ -266,9 +333,13 @@ def create_app(model: torch.nn.Module | Engine, tok: Tokenizer, *, name: str = "
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         scheduler = state["scheduler"] = Scheduler(engine, tok, copy_index, min_copy)
         worker = asyncio.create_task(scheduler.run())
+        loop = asyncio.get_running_loop()
+        # for Server.handle_exit, a signal handler: it may only hand the work to the loop
+        app.state.stop_all = lambda: loop.call_soon_threadsafe(scheduler.stop_all)
         try:
             yield
         finally:
+            app.state.stop_all = None  # the loop is about to close: a late Ctrl-C has nothing left to stop
             worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await worker  # let the worker close its stream on the generation thread before that thread ends
@@ -277,18 +348,55 @@ def create_app(model: torch.nn.Module | Engine, tok: Tokenizer, *, name: str = "
     app = FastAPI(title="novelgpt writing page", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
 
+    # the longest body a request within the limits can need: every character of the prompt as a JSON escape
+    # (\ud83d\ude00 is 12 bytes), and room for the settings
+    max_body = limits.max_prompt_chars * 12 + 4096
+
     @app.middleware("http")
-    async def check_host(request: Request, call_next):
+    async def check_request(request: Request, call_next):
+        """The checks every request passes before any route sees it: the host, the origin, and for a request
+        that changes state (POST) the way a page of another site could send it, and its size."""
+        headers = request.headers
+        host = split_host(headers.get("host", ""), 443 if request.url.scheme == "https" else 80)
         # a page on another site cannot reach a loopback server through a DNS name that it controls
-        host = request.headers.get("host", "").rsplit(":", 1)[0].strip("[]")
-        if allowed_hosts is not None and host not in allowed_hosts:
-            return JSONResponse({"error": f"host {host!r} is not served; open http://127.0.0.1"}, status_code=400)
+        if host is None or allowed_hosts is not None and host[0] not in allowed_hosts:
+            return error_reply(400, "this host name is not served; open http://127.0.0.1")
+        # A browser names the page that sent a request in Origin (always on a POST, and on any request to
+        # another site): only this server's own page is answered.
+        if "origin" in headers and not same_origin(headers["origin"], host, allowed_hosts):
+            return error_reply(403, "requests from pages of other sites are refused; use this server's own page")
+        if request.method not in SAFE_METHODS:
+            # A request without Origin (an old browser, a privacy extension) could still come from another
+            # site's page, as a form or a text/plain fetch, which browsers send without asking first. So a
+            # state-changing request must (1) not be marked cross-site or same-site (another port of
+            # localhost) by the browser, and (2) be JSON: a page of another site can send
+            # application/json only after a CORS preflight, which this server never grants (no CORS headers),
+            # so such a request never leaves the browser. curl and scripts, which send no Origin, still work.
+            if headers.get("sec-fetch-site", "same-origin") != "same-origin":
+                return error_reply(403, "requests from pages of other sites are refused; use this server's own "
+                                        "page")
+            if headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+                return error_reply(415, "send the body as JSON, with Content-Type: application/json")
+            # the size before the body is read, so that a huge one is never held in memory
+            if "transfer-encoding" in headers:
+                return error_reply(411, "send the body with a Content-Length")
+            length = headers.get("content-length", "0")
+            if not length.isdigit() or int(length) > max_body:
+                return error_reply(413, f"the body is larger than this server takes ({max_body:,} bytes; "
+                                        f"the prompt is limited to {limits.max_prompt_chars:,} characters)")
         return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type", "input")} for e in exc.errors()]
-        return JSONResponse({"error": validation_message(errors), "detail": errors}, status_code=422)
+        # one handler for every body a route refuses; the input itself never goes back (it may be 10 MB,
+        # bytes, NaN or a lone surrogate, none of which a JSON reply can carry)
+        return error_reply(422, validation_message(exc.errors()))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        # starlette's own refusals (404, 405, a body that is not UTF-8 JSON) in the same short form
+        messages = {400: "the body is not valid JSON in UTF-8", 404: "not found", 405: "method not allowed"}
+        return error_reply(exc.status_code, messages.get(exc.status_code, str(exc.detail)), exc.headers)
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -308,9 +416,10 @@ def create_app(model: torch.nn.Module | Engine, tok: Tokenizer, *, name: str = "
     @app.post("/api/generate")
     async def generate(body: GenerateRequest) -> StreamingResponse:
         scheduler = state["scheduler"]
+        if scheduler.closing:
+            return error_reply(503, STOPPING)
         if len(scheduler.waiting) >= limits.max_waiting:
-            return JSONResponse({"error": f"{len(scheduler.waiting)} requests are waiting already; "
-                                          "try again in a minute"}, status_code=503)
+            return error_reply(503, f"{len(scheduler.waiting)} requests are waiting already; try again in a minute")
         seed = body.seed if body.seed is not None else random.SystemRandom().randrange(2**31)
         settings = replace(defaults, **body.model_dump(exclude={"prompt", "seed"}, exclude_unset=True), seed=seed)
         job = Job(body.prompt, settings)
@@ -321,7 +430,7 @@ def create_app(model: torch.nn.Module | Engine, tok: Tokenizer, *, name: str = "
     async def stop(body: StopRequest) -> JSONResponse:
         job = state["scheduler"].jobs.get(body.id)
         if job is None:
-            return JSONResponse({"error": "no such generation (it may have ended already)"}, status_code=404)
+            return error_reply(404, "no such generation (it may have ended already)")
         state["scheduler"].cancel(job)
         return JSONResponse({"stopped": True})
 
@@ -384,6 +493,17 @@ def listen(host: str, port: int) -> socket.socket:
         raise UserError(f"cannot listen on {host}:{port}: {reason}{hint}") from None
 
 
+class Server(uvicorn.Server):
+    """uvicorn's server, which on Ctrl-C or SIGTERM first ends every generation of the app (create_app's),
+    so that their streams close within the grace period instead of being cancelled mid-response."""
+
+    def handle_exit(self, sig: int, frame: object) -> None:
+        super().handle_exit(sig, frame)
+        stop_all = getattr(self.config.app.state, "stop_all", None)
+        if stop_all:
+            stop_all()
+
+
 def main(argv: list[str] | None = None) -> None:
     """The command line: load the model, open the page's address, serve until Ctrl-C."""
     try:
@@ -394,6 +514,9 @@ def main(argv: list[str] | None = None) -> None:
         default_out = not config["init_from"] and config["out_dir"] == DEFAULTS["out_dir"]
         path = resolve_source(config["init_from"] or config["out_dir"], newest_fallback=default_out)
         model, tok = load_model(path, config["vocab"], rt.device, rt.dtype, quantize=config["quantize"])
+        if defaults.top_k > tok.vocab_size:  # every request from the page, which starts with it, would get 422
+            raise UserError(f"--top_k must be at most {tok.vocab_size} (the vocabulary size; 0 = off), "
+                            f"got {defaults.top_k}")
         engine = Engine(model)
         if rt.compile:
             print("note: compiling the decode step; the first request waits for it", file=sys.stderr)
@@ -416,7 +539,7 @@ def main(argv: list[str] | None = None) -> None:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"writing page: http://{shown}:{port}/  (Ctrl-C stops)", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
+    server = Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3))
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn shuts down cleanly, then passes the Ctrl-C on

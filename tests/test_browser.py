@@ -1,7 +1,12 @@
 """The writing page in a real headless Chromium (Debian's chromium + chromium-driver, driven by Selenium):
-type a prompt, Write, watch the text stream in, Stop, Use this, and a screenshot."""
+type a prompt, Write, watch the text stream in, Stop, Use this, and a screenshot; and a page of another site that
+tries to make the server write."""
 
+import functools
 import shutil
+import threading
+import time
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
 
@@ -13,7 +18,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from serve import Limits
-from test_serve import PROMPT, TinyRun, make_app, running_server, tiny_run
+from test_serve import LOOPBACK, PROMPT, TinyRun, make_app, running_server, tiny_run
 
 INSTALL = "apt-get install -y chromium chromium-driver fonts-noto-cjk"
 
@@ -104,3 +109,62 @@ def test_a_bad_value_shows_the_server_message(run: TinyRun, browser: webdriver.C
         wait.until(lambda d: error.is_displayed())
         assert error.text.startswith("max_new_tokens: Input should be less than or equal to 300")
         assert browser.find_element(By.ID, "write").is_enabled()
+
+
+ATTACK = """<!doctype html><meta charset="utf-8"><title>another site</title><iframe name="sink"></iframe>
+<form id="form" method="POST" enctype="text/plain" target="sink" action="TARGET/api/generate">
+<input name='{"prompt": "PROMPT", "max_new_tokens": 5, "x": "' value='"}'></form>
+<script>
+const target = "TARGET", body = JSON.stringify({prompt: "PROMPT", max_new_tokens: 5}), results = [];
+(async () => {
+  await fetch(target + "/api/generate",
+              {method: "POST", mode: "no-cors", headers: {"Content-Type": "text/plain"}, body})
+    .then(() => results.push("no-cors sent"), () => results.push("no-cors failed"));
+  await fetch(target + "/api/generate", {method: "POST", headers: {"Content-Type": "application/json"}, body})
+    .then(r => results.push("json read " + r.status), () => results.push("json blocked"));
+  await fetch(target + "/api/info")
+    .then(r => results.push("info read " + r.status), () => results.push("info blocked"));
+  navigator.sendBeacon(target + "/api/stop", new Blob([JSON.stringify({id: "x"})], {type: "text/plain"}));
+  document.getElementById("form").submit();
+  document.title = "done: " + results.join(", ");
+})();
+</script>"""
+
+
+def test_a_page_of_another_site_cannot_make_the_server_write(run: TinyRun, browser: webdriver.Chrome,
+                                                             tmp_path: Path):
+    """A page on another port of 127.0.0.1 (same site, other origin) sends what a browser lets it send without
+    asking: a no-cors text/plain fetch, a text/plain form shaped as JSON, a beacon; a JSON fetch and a read of
+    /api/info need CORS. The server refuses every one that arrives (403); nothing is generated."""
+    seen: list[tuple[str, str, int]] = []
+    app = make_app(run, allowed_hosts=LOOPBACK)
+
+    async def recorded(scope, receive, send):
+        async def record(message):
+            if message["type"] == "http.response.start":
+                seen.append((scope["method"], scope["path"], message["status"]))
+            await send(message)
+        await app(scope, receive, record if scope["type"] == "http" else send)
+
+    with running_server(recorded) as base:
+        (tmp_path / "attack.html").write_text(ATTACK.replace("TARGET", base).replace("PROMPT", PROMPT),
+                                              encoding="utf-8")
+        handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+        handler.log_message = lambda *args: None
+        other = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=other.serve_forever, daemon=True).start()
+        try:
+            browser.get(f"http://127.0.0.1:{other.server_address[1]}/attack.html")
+            WebDriverWait(browser, 20).until(lambda d: d.title.startswith("done:"))
+            assert browser.title == "done: no-cors sent, json blocked, info blocked"
+            deadline = time.monotonic() + 10  # the beacon and the form go out after the title is set
+            while len([s for s in seen if s[0] == "POST"]) < 3:
+                assert time.monotonic() < deadline, f"not every request arrived: {seen}"
+                time.sleep(0.05)
+            time.sleep(0.3)
+        finally:
+            other.shutdown()
+    api = [s for s in seen if s[1].startswith("/api/")]
+    assert sorted(api) == [("GET", "/api/info", 403), ("OPTIONS", "/api/generate", 403),
+                           ("POST", "/api/generate", 403), ("POST", "/api/generate", 403),
+                           ("POST", "/api/stop", 403)], seen

@@ -1,5 +1,6 @@
 """serve.py: the writing page's API on a tiny model trained here. Streaming over a real socket (uvicorn in a
-thread), stop and disconnect, the queue, 422 answers, the host check, and the command line with Ctrl-C."""
+thread), stop and disconnect, the queue, 422 answers, the host and origin checks, short JSON refusals for every bad
+request, and the command line with Ctrl-C (quiet mid-stream)."""
 
 import json
 import os
@@ -27,7 +28,7 @@ from copycheck import load_copy_index
 from engine import Engine, SamplingSettings
 from model import GPT, GPTConfig
 from dataset import prepare
-from serve import Limits, create_app, is_loopback
+from serve import STOPPING, Limits, create_app, is_loopback
 from serve import main as serve_main
 from tokenizer import Tokenizer
 
@@ -36,6 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CYCLE = "天地玄黄宇宙洪荒日月盈昃辰宿列张寒来暑往秋收冬藏闰余成岁律吕调阳云腾致雨露结为霜金生丽水玉出昆冈剑号巨阙珠称夜光"
 PROMPT = "天地玄黄"
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8")
+LOOPBACK = ["127.0.0.1", "localhost", "::1"]  # what serve.py allows as Host on a loopback address
+REFUSED = "requests from pages of other sites are refused; use this server's own page"
 
 
 @dataclass
@@ -144,6 +147,22 @@ def generate(base: str, body: dict, client: httpx.Client | None = None) -> list[
         assert response.status_code == 200, response.read()
         assert response.headers["content-type"].startswith("text/event-stream")
         return list(events(response))
+
+
+def assert_short_error(response: httpx.Response, status: int, message: str) -> None:
+    """A refusal: the status, and a short JSON object with one line in "error" that starts with message."""
+    assert response.status_code == status, response.content[:300]
+    assert len(response.content) < 300, f"{len(response.content)} bytes: {response.content[:300]!r}"
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert list(body) == ["error"] and body["error"].startswith(message), body
+
+
+def assert_no_traceback(capfd: pytest.CaptureFixture) -> None:
+    """What the server printed while the test ran (uvicorn logs to stderr): no traceback, no ASGI error."""
+    err = capfd.readouterr().err
+    for text in ("Traceback", "Exception in ASGI", "CancelledError"):
+        assert text not in err, err[-3000:]
 
 
 def texts_of(stream: list[tuple[str, dict]], n: int) -> list[str]:
@@ -356,3 +375,174 @@ def test_command_line_busy_port_is_one_line(run: TinyRun, capsys: pytest.Capture
             serve_main(["--out_dir", str(run.out_dir), f"--port={port}", "--device=cpu", "--copy_check=False"])
     assert capsys.readouterr().err.endswith(f"error: cannot listen on 127.0.0.1:{port}: Address already in use; "
                                             "choose another --port\n")
+
+
+def test_pages_of_other_sites_are_refused(run: TinyRun, capfd: pytest.CaptureFixture):
+    """What a page of another site can send without a CORS preflight (text/plain, a form, multipart, no type)
+    and JSON, to every state-changing route, with a foreign Origin: 403. Without Origin: 403 when the browser
+    marks it cross-site, 415 when it is not JSON. The server's own page and scripts still work."""
+    with running_server(make_app(run, allowed_hosts=LOOPBACK)) as base, httpx.Client(timeout=30) as client:
+        port = int(base.rsplit(":", 1)[1])
+        body = json.dumps({"prompt": PROMPT, "max_new_tokens": 5})
+        simple = [dict(content=body, headers={"Content-Type": "text/plain"}), dict(data={"prompt": PROMPT}),
+                  dict(files={"prompt": ("story.txt", PROMPT.encode())}), dict(content=body, headers={})]
+        as_json = dict(content=body, headers={"Content-Type": "application/json"})
+        foreign = ["http://evil.example.com", f"http://evil.example.com:{port}", "null",
+                   f"http://127.0.0.1:{port + 1}", "http://127.0.0.1", f"http://127.0.0.1:{port}/path"]
+        for origin in foreign:
+            for path in ("/api/generate", "/api/stop"):
+                for send in simple + [as_json]:
+                    headers = {**send.get("headers", {}), "Origin": origin}
+                    request = {k: v for k, v in send.items() if k != "headers"}
+                    assert_short_error(client.post(base + path, headers=headers, **request), 403, REFUSED)
+        evil = {"Origin": "http://evil.example.com"}
+        assert_short_error(client.get(base + "/api/info", headers=evil), 403, REFUSED)
+        preflight = client.options(base + "/api/generate", headers={
+            **evil, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"})
+        assert_short_error(preflight, 403, REFUSED)
+        assert not any(name.startswith("access-control-") for name in preflight.headers)
+        # no Origin (an old browser, a privacy extension): marked by the browser, or not JSON
+        for site in ("cross-site", "same-site"):
+            response = client.post(base + "/api/generate", content=body,
+                                   headers={"Content-Type": "application/json", "Sec-Fetch-Site": site})
+            assert_short_error(response, 403, REFUSED)
+        for path in ("/api/generate", "/api/stop"):
+            for send in simple:
+                assert_short_error(client.post(base + path, **send), 415, "send the body as JSON, with "
+                                                                          "Content-Type: application/json")
+        assert client.get(base + "/", headers={"Sec-Fetch-Site": "cross-site"}).status_code == 200  # a link
+        # this server's own page, under either loopback name, and a script that sends no Origin
+        for headers in ({"Origin": base, "Sec-Fetch-Site": "same-origin"}, {"Origin": f"http://localhost:{port}"},
+                        {"Content-Type": "application/json; charset=utf-8"}, {}):
+            with client.stream("POST", base + "/api/generate", json={"prompt": PROMPT, "max_new_tokens": 5},
+                               headers=headers) as response:
+                assert response.status_code == 200
+                assert list(events(response))[-1][0] == "done"
+        assert client.post(base + "/api/stop", json={"id": "gone"}, headers={"Origin": base}).status_code == 404
+    assert_no_traceback(capfd)
+
+
+NAN_BODIES = [(f'{{"prompt": "{PROMPT}", "{name}": {value}}}', 422, f"{name}: Input should be a finite number")
+              for name in ("temperature", "top_p", "repetition_penalty") for value in ("NaN", "Infinity", "-Infinity")]
+
+
+@pytest.mark.parametrize("path, content, status, message", [
+    *[("/api/generate", *case) for case in NAN_BODIES],
+    ("/api/generate", '{"prompt": "\\ud800abc"}', 422, "prompt: not valid Unicode text (it holds a lone surrogate"),
+    ("/api/generate", '{"prompt": "abc", "\\udc00": 1}', 422, "body: not valid Unicode text"),
+    ("/api/generate", json.dumps({"prompt": "x" * 10_000_000}), 413,
+     "the body is larger than this server takes (10,096 bytes; the prompt is limited to 500 characters)"),
+    ("/api/generate", json.dumps({"prompt": "字" * 501}), 422, "prompt: String should have at most 500 characters"),
+    ("/api/generate", json.dumps({"prompt": PROMPT, "k" * 5000: 1}), 422, "k" * 39 + "…: Extra inputs"),
+    ("/api/generate", json.dumps({"prompt": PROMPT, **{f"k{i}": i for i in range(300)}}), 422,
+     "k0: Extra inputs are not permitted (got 0); k1: Extra inputs are not permitted (got 1); k2: Extra inputs "
+     "are not permitted (got 2); and 297 more"),
+    ("/api/generate", '{"prompt": "a", "max_new_tokens": %s}' % ("9" * 400), 422,
+     "max_new_tokens: Input should be less than or equal to 300"),
+    ("/api/generate", '{"prompt": "a", "max_new_tokens": %s}' % ("9" * 5000), 400, "the body is not valid JSON in"),
+    ("/api/generate", '{"prompt": ', 422, "the body is not valid JSON (at character 11)"),
+    ("/api/generate", b'{"prompt": "\xff\xfe"}', 400, "the body is not valid JSON in UTF-8"),
+    ("/api/generate", "[1, 2]", 422, "body: Input should be a valid dictionary"),
+    ("/api/generate", "", 422, "the body is empty; send a JSON object"),
+    ("/api/stop", json.dumps({"id": "x" * 5000}), 422, "id: String should have at most 64 characters"),
+    ("/api/stop", '{"id": NaN}', 422, "id: Input should be a valid string"),
+    ("/api/stop", '{"id": "\\ud800"}', 422, "id: not valid Unicode text"),
+])
+def test_bad_requests_get_a_short_json_error(run: TinyRun, capfd: pytest.CaptureFixture, path: str,
+                                             content: str | bytes, status: int, message: str):
+    """Every bad body gets a 4xx with one short line that never repeats the input, and no traceback."""
+    with running_server(make_app(run, limits=Limits(max_prompt_chars=500, max_new_tokens=300))) as base:
+        response = httpx.post(base + path, content=content, headers={"Content-Type": "application/json"},
+                              timeout=30)
+        assert_short_error(response, status, message)
+        assert "字字字" not in response.text and "xxx" not in response.text and "999" not in response.text
+    assert_no_traceback(capfd)
+
+
+def test_other_refusals_are_short_json_too(run: TinyRun, capfd: pytest.CaptureFixture):
+    """Routes and methods that do not exist, a body of unknown size; and the size limit leaves room for a
+    prompt at the limit sent with every character escaped."""
+    with running_server(make_app(run, limits=Limits(max_prompt_chars=500))) as base, \
+            httpx.Client(timeout=30) as client:
+        assert_short_error(client.put(base + "/api/generate", json={"prompt": PROMPT}), 405, "method not allowed")
+        assert_short_error(client.get(base + "/api/generate"), 405, "method not allowed")
+        assert_short_error(client.get(base + "/api/nothing"), 404, "not found")
+        assert_short_error(client.get(base + "/static/nothing.js"), 404, "not found")
+        chunked = client.post(base + "/api/generate", content=iter([b'{"prompt": "', PROMPT.encode(), b'"}']),
+                              headers={"Content-Type": "application/json"})
+        assert_short_error(chunked, 411, "send the body with a Content-Length")
+        widest = json.dumps({"prompt": "\U0001F600" * 500, "max_new_tokens": 1}, ensure_ascii=True)
+        assert len(widest) > 6000
+        with client.stream("POST", base + "/api/generate", content=widest,
+                           headers={"Content-Type": "application/json"}) as response:
+            assert response.status_code == 200 and list(events(response))[-1][0] == "done"
+    assert_no_traceback(capfd)
+
+
+def test_ctrl_c_during_a_stream_ends_every_stream_quietly(run: TinyRun):
+    """The real command line, one stream being written and one waiting behind it: Ctrl-C ends both at once
+    with a message, and the terminal shows no traceback."""
+    process = subprocess.Popen([sys.executable, "serve.py", "--out_dir", str(run.out_dir), "--port=0",
+                                "--device=cpu", "--max_tokens_limit=100000"],
+                               cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    waiting: list[tuple[str, dict]] = []
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("writing page: http://127.0.0.1:"), line + process.stderr.read()
+        base = re.match(r"writing page: (http://127\.0\.0\.1:\d+)/", line).group(1)
+        body = {"prompt": PROMPT, "max_new_tokens": 100_000}
+
+        def wait_behind() -> None:
+            with httpx.stream("POST", f"{base}/api/generate", json=body, timeout=30) as second:
+                waiting.extend(events(second))
+
+        with httpx.Client(timeout=30) as client, client.stream("POST", f"{base}/api/generate", json=body) as first:
+            stream = events(first)
+            next(data for name, data in stream if name == "tokens")
+            thread = threading.Thread(target=wait_behind)
+            thread.start()
+            deadline = time.monotonic() + 10
+            while client.get(f"{base}/api/info").json()["queue"]["waiting"] != 1:
+                assert time.monotonic() < deadline, "the second request did not queue"
+                time.sleep(0.05)
+            t0 = time.monotonic()
+            process.send_signal(signal.SIGINT)
+            rest = list(stream)
+            assert time.monotonic() - t0 < 2, "the stream did not end at once"
+        thread.join(10)
+        assert process.wait(10) == 0
+    finally:
+        process.kill()
+    err = process.stderr.read()
+    assert ("error", {"message": STOPPING}) in rest
+    assert rest[-1][0] == "done" and rest[-1][1]["stopped"] and rest[-1][1]["tokens"] > 0
+    assert waiting[-1] == ("error", {"message": STOPPING}) and not any(name == "start" for name, _ in waiting)
+    for text in ("Traceback", "Exception in ASGI", "CancelledError", "Cancel "):
+        assert text not in err, err
+    assert err.rstrip().endswith("stopped")
+
+
+def test_command_line_top_k_beyond_the_vocabulary_is_one_line(run: TinyRun, capfd: pytest.CaptureFixture):
+    """The page starts with the server's --top_k; one that no request may send is refused at start-up."""
+    with pytest.raises(SystemExit) as exit_info:
+        serve_main(["--out_dir", str(run.out_dir), "--port=0", "--device=cpu", "--copy_check=False",
+                    "--top_k=1000"])
+    assert exit_info.value.code == 2
+    assert capfd.readouterr().err == (f"error: --top_k must be at most {run.tok.vocab_size} (the vocabulary size; "
+                                      "0 = off), got 1000\n")
+
+
+def test_on_the_network_the_origin_must_match_the_host(run: TinyRun, capfd: pytest.CaptureFixture):
+    """Served with --host 0.0.0.0 (no Host check), a page opened as http://192.168.1.5:PORT is the server's own
+    page there; any other origin, loopback names included, is refused."""
+    with running_server(make_app(run, allowed_hosts=None)) as base, httpx.Client(timeout=30) as client:
+        port = int(base.rsplit(":", 1)[1])
+        body = {"prompt": PROMPT, "max_new_tokens": 5}
+        lan = {"Host": f"192.168.1.5:{port}"}
+        with client.stream("POST", base + "/api/generate", json=body,
+                           headers={**lan, "Origin": f"http://192.168.1.5:{port}"}) as response:
+            assert response.status_code == 200 and list(events(response))[-1][0] == "done"
+        for headers in ({**lan, "Origin": f"http://localhost:{port}"}, {**lan, "Origin": "http://192.168.1.5"},
+                        {"Origin": f"http://192.168.1.5:{port}"}):
+            assert_short_error(client.post(base + "/api/generate", json=body, headers=headers), 403, REFUSED)
+    assert_no_traceback(capfd)
