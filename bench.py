@@ -152,13 +152,14 @@ def decode_models(config: GPTConfig, device: str) -> dict[str, Callable[[], torc
     return models
 
 
-def time_decode(model: torch.nn.Module, batch_size: int, prompt_len: int, new_tokens: int) -> float:
+def time_decode(model: torch.nn.Module, batch_size: int, prompt_len: int, new_tokens: int,
+                memory: "Memory | None" = None) -> float:
     """ms per decode step (one new token in every row) of ours through Engine, or of transformers' generate
     with its KV cache; sampling top_k 40."""
     device = next(model.parameters()).device
     prompt = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), device=device)
     if isinstance(model, GPT):
-        engine = Engine(model)
+        engine = Engine(model, memory)
 
         def generate(n: int) -> None:
             for _ in engine.stream(prompt, n, temperature=1.0, top_k=40):
@@ -450,10 +451,69 @@ def bench_gpu(argv: list[str]) -> int:
           "estimate within 15% of the measurement")
     return 0
 
+
+# ------------------------------------------------------------------ the novel's memory
+
+def cpu_flags() -> str:
+    """The CPU's model name and the vector extensions that decide which kernels are fastest."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "CPU flags unknown"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    have = [label for flag, label in (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_vnni", "VNNI"),
+                                      ("avx512_bf16", "BF16"), ("amx_tile", "AMX")) if flag in flags]
+    return f"{name}, {os.cpu_count()} cores, {' '.join(have) or 'no AVX2'}"
+
+
+def ngram_build_in_child(tokens: int) -> tuple[float, float]:
+    """(seconds, peak GB) of building the modified-KN 5-gram (leave-one-out included) of the default corpus's
+    train split repeated to `tokens` tokens, in a fresh process so that its peak memory is its own."""
+    code = (f"import resource, sys, time, numpy as np; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+            "from ngram import modified_kneser_ney\n"
+            f"ids = np.resize(np.fromfile('data/hongloumeng/train.bin', dtype=np.uint16), {tokens})\n"
+            "t = time.perf_counter(); modified_kneser_ney(ids, %d, 5); t = time.perf_counter() - t\n"
+            "print(t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)" % DEFAULT_VOCAB_SIZE)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    return float(out[0]), float(out[1])
+
+
+def bench_memory(argv: list[str]) -> None:
+    """The memory's cost: building the n-gram for a 7.65M-character corpus (seconds, peak memory; --big: also
+    100M), one query, and decoding our users' model at batch 1 and 8 with and without the mixture."""
+    from mixture import Memory
+    from ngram import modified_kneser_ney
+    from preparing import prepare_default_corpus
+    print(f"memory: {cpu_flags()}, {torch.get_num_threads()} threads")
+    prepare_default_corpus("data")
+    for tokens in (7_650_000, 100_000_000) if "--big" in argv else (7_650_000,):
+        seconds, peak = ngram_build_in_child(tokens)
+        print(f"  5-gram of {tokens:,} tokens (the 红楼梦 train split repeated): built in {seconds:.1f} s, "
+              f"peak memory {peak:.2f} GB (targets for 7.65M: <= 30 s, <= 2 GB)", flush=True)
+    train_ids = np.fromfile("data/hongloumeng/train.bin", dtype=np.uint16)
+    counts = modified_kneser_ney(train_ids, DEFAULT_VOCAB_SIZE, 5)
+    memory = Memory(counts, np.array([0.5, 0.45, 0.05]))
+    for batch_size in (1, 8):
+        histories = [train_ids[i * 1000:i * 1000 + 200].tolist() for i in range(batch_size)]
+        logits = torch.randn(batch_size, DEFAULT_VOCAB_SIZE)
+        ms = seconds_per_call(lambda: memory.mix(logits, histories), warmup=5, repeats=50) * 1e3
+        print(f"  one mixing step (5-gram query, cache, mix) at batch {batch_size}: {ms:.2f} ms")
+    torch.manual_seed(0)
+    model = GPT(USERS_MODEL).eval()
+    print(f"  {'users model fp32':20s} {'batch':>5s} {'alone ms':>9s} {'mixed ms':>9s} {'ratio':>6s}")
+    for batch_size in (1, 8):
+        alone = time_decode(model, batch_size, 32, 100)
+        mixed = time_decode(model, batch_size, 32, 100, memory)
+        print(f"  {'':20s} {batch_size:5d} {alone:9.1f} {mixed:9.1f} {mixed / alone:6.2f}  (target <= 1.10)",
+              flush=True)
+
+
 SECTIONS: dict[str, Callable[[list[str]], int | None]] = {
     "tokenize": bench_tokenize,
     "train_step": bench_train_step,
     "decode": bench_decode,
+    "memory": bench_memory,
     "train": bench_train,
     "gpu": bench_gpu,
 }
