@@ -15,7 +15,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 from serve import Limits
 from test_serve import PROMPT, TinyRun, make_app, running_server, tiny_run
 
-INSTALL = "apt-get install -y chromium chromium-driver fonts-noto-cjk"
+INSTALL = "bash tests/install-browser"
 
 
 @pytest.fixture(scope="session")
