@@ -194,6 +194,7 @@ def test_exit_with_error_prints_one_line_and_exits_2(capsys):
     assert capsys.readouterr().err == "error: unknown option 'x'\n"
 
 
+@pytest.mark.slow
 def test_works_from_a_script_in_a_subprocess(tmp_path):
     script = tmp_path / "script.py"
     script.write_text(

@@ -176,15 +176,6 @@ def test_ngram_losses_reject_ids_outside_the_vocabulary():
 
 # ------------------------------------------------------------------ a GPT on a whole split
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run faster on one thread, and far faster on a busy machine (no threads to wait for)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_gpt(block_size: int = 16, vocab: int = 50) -> GPT:
     torch.manual_seed(0)
     return GPT(GPTConfig(block_size=block_size, vocab_size=vocab, n_layer=2, n_head=2, n_embd=16))

@@ -73,6 +73,7 @@ def fine_tuned(request, tmp_path_factory):
     return root, load_model(str(root / "out"))[1]
 
 
+@pytest.mark.slow
 def test_export_reloads_in_transformers_with_equal_logits_and_ids(fine_tuned):
     from transformers import AutoTokenizer, GPT2LMHeadModel, pipeline
     root, tok = fine_tuned
@@ -109,6 +110,7 @@ def test_export_reloads_in_transformers_with_equal_logits_and_ids(fine_tuned):
         assert (tok.doc_start, tok.doc_end) == ("[CLS]", "[SEP]")  # uer's wrapping, from the folder
 
 
+@pytest.mark.slow
 def test_bin_only_export_loads_and_matches(fine_tuned):
     from transformers import GPT2LMHeadModel
     root, tok = fine_tuned
@@ -124,6 +126,7 @@ def test_bin_only_export_loads_and_matches(fine_tuned):
     assert tok_again.itos == tok.itos and (tok_again.doc_start, tok_again.doc_end) == (tok.doc_start, tok.doc_end)
 
 
+@pytest.mark.slow
 def test_export_replaces_only_an_exported_folder(fine_tuned, capsys):
     root, _ = fine_tuned
     target = root / "keep"

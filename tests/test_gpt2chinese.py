@@ -17,6 +17,7 @@ import sample as sample_py
 import train as train_py
 from checkpoint import load_model
 from configurator import UserError, get_config
+from conftest import ENV
 from engine import Engine, SamplingSettings
 from hf import save_hf_gpt2
 from model import GPT, GPTConfig
@@ -24,7 +25,6 @@ from runtime import pick_dtype
 from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8")
 NAMES = ["苏落", "南宫流云", "南宫夫人", "韩立"]
 VERBS = ["淡淡一笑", "冷哼一声", "妩媚一笑", "说道"]
 # the seeds' command, with --epochs 15 scaled down to 1 and our own options after theirs
@@ -38,12 +38,7 @@ HEADER = re.compile(r"^={40} SAMPLE (\d+) ={40}$", re.M)
 FIGURES = re.compile(r"^(\d+) tokens in [\d.]+ s, [\d.]+ tokens/s \((\d+) sample\(s\), seed (\d+)\)$", re.M)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def articles() -> list[str]:
@@ -86,6 +81,7 @@ def trained(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     return root, result
 
 
+@pytest.mark.slow
 def test_seeds_training_command_prepares_trains_and_exports_final_model(trained):
     root, result = trained
     assert result.returncode == 0, result.stderr
@@ -123,6 +119,7 @@ def test_seeds_training_command_prepares_trains_and_exports_final_model(trained)
     assert torch.equal(exported(ids)[0], best(ids)[0])  # the best checkpoint, exactly
 
 
+@pytest.mark.slow
 def test_seeds_generate_command_verbatim(trained, capsys, monkeypatch):
     root, result = trained
     assert result.returncode == 0, result.stderr
@@ -247,6 +244,7 @@ def test_generate_flags_and_their_defaults():
     assert config["init_from"] == "m"
 
 
+@pytest.mark.slow
 def test_train_flags_become_our_settings(trained, monkeypatch):
     root, result = trained
     assert result.returncode == 0, result.stderr
@@ -308,6 +306,7 @@ def test_refused_flags_and_bad_values(tmp_path, capsys, monkeypatch, script, arg
     assert all(word in line for word in words), line
 
 
+@pytest.mark.slow
 def test_vocab_size_mismatch_and_an_existing_final_model_are_refused(trained, tmp_path, capsys, monkeypatch):
     root, _ = trained
     monkeypatch.chdir(root)
@@ -334,6 +333,7 @@ def test_help_lists_their_flags(capsys):
 
 # ------------------------------------------------------------------ fine-tuning keeps the configured dropout
 
+@pytest.mark.slow
 def test_fine_tuning_keeps_the_configured_dropout(trained, monkeypatch, tmp_path):
     root, _ = trained
     monkeypatch.chdir(root)

@@ -104,6 +104,7 @@ def data_dir(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_training_under_a_budget_runs_at_the_chosen_micro_batch(data_dir, tmp_path, capsys):
     config = dict(train.DEFAULTS, dataset="tiny", data_dir=str(data_dir), out_dir=str(tmp_path), n_layer=2,
                   n_head=2, n_embd=32, block_size=32, batch_size=4, gradient_accumulation_steps=2, max_iters=4,

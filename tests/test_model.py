@@ -215,6 +215,7 @@ def test_cached_steps_give_the_logits_of_a_full_forward():
     torch.testing.assert_close(torch.stack(got, dim=1), expected[:, 9:], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # raised inside torch.compile
 def test_compiled_decode_step_gives_the_same_tokens():
     model = tiny_model()

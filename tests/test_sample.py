@@ -16,6 +16,7 @@ import torch
 
 import sample as sample_py
 from checkpoint import load_model
+from conftest import ENV
 from engine import Engine, SamplingSettings
 from hf import save_hf_gpt2
 from model import GPT, GPTConfig
@@ -28,15 +29,8 @@ TEXT = "苏落妩媚一笑，南宫流云淡淡道：“你想干嘛？”\n宝�
 PROMPT = "苏落妩媚一笑"
 FIGURES = re.compile(r"^(\d+) tokens in ([\d.]+) s, ([\d.]+) tokens/s \((\d+) sample\(s\), seed (\d+)\)$", re.M)
 # the subprocesses run a tiny model: one thread avoids waiting on a busy second core
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build_model(tok: Tokenizer, cls_logit: float) -> GPT:
@@ -105,6 +99,7 @@ def expected_stdout(texts):
             + "".join(f"\n{sample_header(n)}\n\n{text}\n" for n, text in enumerate(texts[1:], 2)))
 
 
+@pytest.mark.slow
 def test_cli_both_override_forms_batch_and_saved_file(setup):
     saved = setup / "saved"
     args = [f"--out_dir={setup / 'out'}", "--start", PROMPT, "--num_samples", "3", "--max_new_tokens=40",
@@ -227,6 +222,7 @@ def test_default_out_dir_falls_back_to_the_newest_run(setup, tmp_path, capsys, m
     assert "using out-novel-cpu/ckpt.pt" in captured.err and captured.out.startswith("苏落")
 
 
+@pytest.mark.slow
 def test_no_checkpoint_error_from_the_command_line(tmp_path):
     result = run_cli(["--out_dir", str(tmp_path / "nothing")], tmp_path)
     assert result.returncode == 2 and result.stdout == ""

@@ -58,6 +58,7 @@ def train_losses(out_dir: Path) -> dict[int, float]:
     return {r["iter"]: r["loss"] for r in read_metrics(out_dir) if "loss" in r}
 
 
+@pytest.mark.slow
 def test_loss_goes_down_and_checkpoint_is_complete(data_dir, tmp_path):
     result = train.train(tiny_config(data_dir, tmp_path, max_iters=60, dropout=0.0))
     evals = [r for r in read_metrics(tmp_path) if "val_loss" in r]
@@ -79,6 +80,7 @@ def test_loss_goes_down_and_checkpoint_is_complete(data_dir, tmp_path):
     assert seconds == sorted(seconds) and seconds[-1] > 0  # wall time, for loss-against-time curves
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer,lr_schedule", [("muon", "wsd"), ("adamw", "cosine"), ("muon", "cosine")])
 def test_sigint_then_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path, monkeypatch, optimizer, lr_schedule):
     recipe = dict(optimizer=optimizer, lr_schedule=lr_schedule)
@@ -139,6 +141,7 @@ def test_time_budget_plans_a_length_that_fills_the_budget(monkeypatch):
     assert late.max_iters == late.iter_num == 11
 
 
+@pytest.mark.slow
 def test_time_budget_is_kept_by_resume(data_dir, tmp_path, monkeypatch):
     # a simulated clock: 0.125 s per training step (exact in binary), evaluations free, so the plan does not
     # depend on this machine
@@ -173,6 +176,7 @@ def test_time_budget_is_kept_by_resume(data_dir, tmp_path, monkeypatch):
     assert resumed["iter_num"] == resumed["max_iters"] == planned
 
 
+@pytest.mark.slow
 def test_sigint_from_outside_saves_and_exits_cleanly(data_dir, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "train.py"), "--dataset=tiny", f"--data_dir={data_dir}", f"--out_dir={out}",
@@ -208,6 +212,7 @@ def test_checkpoint_killed_mid_write_keeps_the_previous_one(tmp_path, monkeypatc
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
+@pytest.mark.slow
 def test_epochs_become_iterations(data_dir, tmp_path):
     meta = json.loads((data_dir / "tiny" / "meta.json").read_text(encoding="utf-8"))
     config = tiny_config(data_dir, tmp_path, max_iters=0, epochs=0.5, eval_interval=1000, log_interval=5)
@@ -219,6 +224,7 @@ def test_epochs_become_iterations(data_dir, tmp_path):
     assert 0.5 <= result["iter_num"] * tokens_per_iter / meta["train_tokens"] < 0.5 + tokens_per_iter / meta["train_tokens"]
 
 
+@pytest.mark.slow
 def test_fine_tune_from_a_gpt2_chinese_folder(data_dir, tmp_path):
     folder = tmp_path / "final_model"
     save_hf_gpt2(GPT(GPTConfig(block_size=64, vocab_size=120, n_layer=1, n_head=2, n_embd=32)), str(folder))
@@ -231,6 +237,7 @@ def test_fine_tune_from_a_gpt2_chinese_folder(data_dir, tmp_path):
         train.train(tiny_config(data_dir, tmp_path / "out2", init_from=str(folder)))
 
 
+@pytest.mark.slow
 def test_from_scratch_the_head_trains_on_the_used_tokens_and_saves_a_plain_model(data_dir, tmp_path):
     used = dataset.open_dataset(str(data_dir), "tiny", 32).used_tokens().tolist()
     unused = [t for t in range(120) if t not in used]
@@ -247,6 +254,7 @@ def test_from_scratch_the_head_trains_on_the_used_tokens_and_saves_a_plain_model
     assert torch.load(tmp_path / "tuned" / "last.pt", weights_only=True)["used_vocab_head"] is False
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_has_the_metrics(data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no login
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -261,6 +269,7 @@ def test_wandb_offline_run_has_the_metrics(data_dir, tmp_path, monkeypatch):
         assert key in logs
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes(data_dir, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -282,6 +291,7 @@ def test_torchrun_two_cpu_processes(data_dir, tmp_path):
     assert "512 tokens per iteration" in result.stdout
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
     real_step, steps = train.train_step, {"n": 0}
 
@@ -304,6 +314,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, m
     assert result.stderr.startswith("error: the training loss became nan") and result.stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_trained_out_dir_is_refused_and_the_model_kept(data_dir, tmp_path):
     train.train(tiny_config(data_dir, tmp_path, max_iters=4, eval_interval=2))
     before = {name: (tmp_path / name).read_bytes() for name in ("ckpt.pt", "last.pt")}
@@ -314,6 +325,7 @@ def test_a_second_run_into_a_trained_out_dir_is_refused_and_the_model_kept(data_
     assert result["iter_num"] == 2 and [r["iter"] for r in read_metrics(tmp_path) if "val_loss" in r] == [0, 2]
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_shape_and_changed_data(data_dir, tmp_path):
     train.train(tiny_config(data_dir, tmp_path, max_iters=2, eval_interval=2))
     with pytest.raises(UserError, match="--n_layer=3 .the model has 2."):
@@ -345,6 +357,7 @@ def test_bad_settings_are_one_line_errors_before_any_work(data_dir, tmp_path, ov
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_bad_out_dir_and_compile_words_from_the_command_line(data_dir, tmp_path):
     (tmp_path / "a_file").write_text("x")
     base = ["--dataset=tiny", f"--data_dir={data_dir}", "--device=cpu", "--max_iters=1"]
@@ -357,6 +370,7 @@ def test_bad_out_dir_and_compile_words_from_the_command_line(data_dir, tmp_path)
         assert result.stderr.startswith("error: ") and words in result.stderr
 
 
+@pytest.mark.slow
 def test_two_trainers_on_one_out_dir_the_second_is_refused(data_dir, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "train.py"), "--dataset=tiny", f"--data_dir={data_dir}", f"--out_dir={out}",
@@ -376,6 +390,7 @@ def test_two_trainers_on_one_out_dir_the_second_is_refused(data_dir, tmp_path):
         first.communicate(timeout=60)
 
 
+@pytest.mark.slow
 def test_adamw_stays_one_flag_and_muon_takes_the_block_matrices(data_dir, tmp_path):
     from optim import Muon, make_optimizers
     model = GPT(GPTConfig(block_size=32, vocab_size=120, n_layer=2, n_head=2, n_embd=32))
@@ -391,6 +406,7 @@ def test_adamw_stays_one_flag_and_muon_takes_the_block_matrices(data_dir, tmp_pa
     assert evals[-1] < evals[0] - 0.5 and result["iter_num"] == 20
 
 
+@pytest.mark.slow
 def test_patience_says_the_model_memorises_and_early_stop_stops(data_dir, tmp_path, capsys):
     # a learning rate far too high for the tiny model: the val loss stops improving at once
     result = train.train(tiny_config(data_dir, tmp_path, max_iters=60, eval_interval=2, patience=2,
@@ -401,6 +417,7 @@ def test_patience_says_the_model_memorises_and_early_stop_stops(data_dir, tmp_pa
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter_num"] == result["best_iter"]
 
 
+@pytest.mark.slow
 def test_out_of_memory_halves_the_micro_batch_and_loses_no_step(data_dir, tmp_path, monkeypatch, capsys):
     plain = train.train(tiny_config(data_dir, tmp_path / "plain", max_iters=8, eval_interval=4, dropout=0.0))
     real_forward, calls = GPT.forward, {"n": 0}

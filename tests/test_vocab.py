@@ -131,6 +131,7 @@ def tiny_config(root: Path, name: str, out_dir: Path, **overrides) -> dict:
     return config
 
 
+@pytest.mark.slow
 def test_same_size_other_vocabulary_is_refused_on_fine_tune(two_datasets, tmp_path):
     root = two_datasets
     a = Tokenizer.from_vocab_file(root / "data" / "a" / "vocab.txt")
@@ -150,12 +151,14 @@ def test_same_size_other_vocabulary_is_refused_on_fine_tune(two_datasets, tmp_pa
         train.train(tiny_config(root, "a", tmp_path / "out_c", init_from=str(folder)))
 
 
+@pytest.mark.slow
 def test_resume_on_another_vocabulary_is_refused(two_datasets):
     root = two_datasets
     with pytest.raises(UserError, match=r"does not match .*--dataset=a\)$"):
         train.train(tiny_config(root, "b", root / "run", init_from="resume", max_iters=4))
 
 
+@pytest.mark.slow
 def test_sampling_with_another_vocab_file_is_refused(two_datasets, tmp_path):
     root = two_datasets
     model, tok = load_model(str(root / "run"), vocab=str(root / "data" / "a" / "vocab.txt"))
