@@ -31,8 +31,8 @@ from model import GPT, GPTConfig, peak_flops_for
 from quant import quantize_int8
 from runtime import Runtime, cpu_has_bf16, init_runtime
 from tokenizer import DEFAULT_VOCAB_SIZE
-import train
 from optim import make_optimizers, train_step
+from trainsettings import DEFAULTS, TYPES, check_config, gpt_config, optimizer_settings, training_shape
 
 # our users' GPT2-Chinese model, and a small one that trains quickly on a CPU
 USERS_MODEL = GPTConfig(block_size=512, vocab_size=DEFAULT_VOCAB_SIZE, n_layer=10, n_head=12, n_embd=768)
@@ -92,7 +92,8 @@ def bench_train_step(argv: list[str]) -> None:
         del reference, ref_optimizer
 
         ours = GPT(config).train()
-        optimizer = make_optimizers(ours, dict(train.DEFAULTS, optimizer="adamw", learning_rate=6e-4), "cpu")[0]
+        optimizer = make_optimizers(ours, optimizer_settings(dict(DEFAULTS, optimizer="adamw", learning_rate=6e-4)),
+                                    "cpu")[0]
         eager_s = seconds_per_call(train_step_fn(ours, optimizer, x, y, bf16, hf=False), 1, 3)
         compiled_s = seconds_per_call(train_step_fn(torch.compile(ours), optimizer, x, y, bf16, hf=False), 2, 3)
 
@@ -279,17 +280,15 @@ def bench_tokenize(argv: list[str]) -> None:
 def bench_train(argv: list[str]) -> None:
     """tokens/s, ms/iter, MFU and peak memory of train.py's step for a config, on random tokens."""
     from configurator import get_config
-    config = get_config(train.DEFAULTS, argv, types=train.TYPES)
-    train.check_config(config)
+    config = get_config(DEFAULTS, argv, types=TYPES)
+    check_config(config)
     rt = init_runtime(config["device"], config["dtype"], config["compile"], seed=config["seed"])
     device, device_type = rt.device, rt.device_type
-    model = GPT(GPTConfig(block_size=config["block_size"], vocab_size=DEFAULT_VOCAB_SIZE, n_layer=config["n_layer"],
-                          n_head=config["n_head"], n_embd=config["n_embd"], dropout=config["dropout"],
-                          bias=config["bias"])).to(device)
+    model = GPT(gpt_config(config, DEFAULT_VOCAB_SIZE)).to(device)
     # a from-scratch run on 红楼梦 trains the head on the 4,343 tokens the text uses (train.py's used_vocab_head)
     used = torch.arange(4343 if config["used_vocab_head"] else DEFAULT_VOCAB_SIZE, device=device)
     model.train_head_on(used)
-    optimizers = make_optimizers(model, config, device_type)
+    optimizers = make_optimizers(model, optimizer_settings(config), device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=rt.dtype == torch.float16)
     step_model = torch.compile(model) if rt.compile else model
     batch, block, accumulation = config["batch_size"], config["block_size"], config["gradient_accumulation_steps"]
@@ -327,10 +326,8 @@ def gpu_steps(config: dict, rt: Runtime, compiled: bool, batches: Callable[[int]
               ) -> tuple[GPT, float, int, int]:
     """Train a fresh model for config's warm-up and timed steps; (model, seconds per step, peak allocated and
     reserved bytes over the timed steps)."""
-    model = GPT(GPTConfig(block_size=config["block_size"], vocab_size=config["vocab_size"],
-                          n_layer=config["n_layer"], n_head=config["n_head"], n_embd=config["n_embd"],
-                          dropout=config["dropout"], bias=config["bias"])).to(rt.device)
-    optimizers = make_optimizers(model, config, rt.device_type)
+    model = GPT(gpt_config(config, config["vocab_size"])).to(rt.device)
+    optimizers = make_optimizers(model, optimizer_settings(config), rt.device_type)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)
     step_model = torch.compile(model) if compiled else model
     rows = config["batch_size"] * config["gradient_accumulation_steps"]
@@ -385,7 +382,7 @@ def gpu_mode_line(config: dict, rt: Runtime, compiled: bool, train_tokens: int,
     """Train eager or compiled and describe it: speed, MFU, peak memory beside the estimate, time per epoch."""
     import memory
     label = "compiled" if compiled else "eager   "
-    est = memory.estimate_memory(config, config["vocab_size"], "cuda", rt.dtype_name, compiled)
+    est = memory.estimate_memory(training_shape(config, config["vocab_size"]), "cuda", rt.dtype_name, compiled)
     try:
         model, seconds, allocated, reserved = gpu_steps(config, rt, compiled, batches)
     except torch.cuda.OutOfMemoryError:
@@ -415,16 +412,15 @@ def bench_gpu(argv: list[str]) -> int:
     import memory
     if all(arg.startswith("--") for arg in argv):  # no config file given: our users' model
         argv = [str(Path(__file__).resolve().parent / "config" / "novel_small.py"), *argv]
-    config = get_config(dict(train.DEFAULTS, iters=300, warmup_steps=10, memory_budget_gb=0.0), argv,
-                        types=train.TYPES)
-    train.check_config(config)
+    config = get_config(dict(DEFAULTS, iters=300, warmup_steps=10, memory_budget_gb=0.0), argv, types=TYPES)
+    check_config(config)
     rt = init_runtime(config["device"], config["dtype"], None, seed=config["seed"])
     try:
         budget_line = emulate_budget(config["memory_budget_gb"]) if config["memory_budget_gb"] > 0 else ""
     except UserError as e:
         print(f"bench.py gpu: {e}", file=sys.stderr)
         return 2
-    config["vocab_size"] = memory.vocab_size_of(config)
+    config["vocab_size"] = memory.vocab_size_of(Path(config["data_dir"]) / config["dataset"])
     meta_path = Path(config["data_dir"]) / config["dataset"] / "meta.json"
     train_tokens = json.loads(meta_path.read_text(encoding="utf-8"))["train_tokens"] if meta_path.exists() else 0
     generator = torch.Generator(device=rt.device).manual_seed(0)

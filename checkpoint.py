@@ -87,12 +87,12 @@ def check_vocab(model_tok: Tokenizer, model_name: str, other: Tokenizer, other_n
                         f"{other.fingerprint} and {model_tok.fingerprint}): {fix}")
 
 
-def fine_tune_vocab(folder: str, dataset: "Dataset", vocab: str = "") -> Tokenizer:
+def fine_tune_vocab(folder: str, dataset: "Dataset") -> Tokenizer:
     """The vocabulary to train a Hugging Face folder's model on dataset with: the dataset's, once checked to
-    be the folder's (its vocab.txt, or vocab), carrying the folder's metadata (tokenizer_class) on."""
+    be the folder's (its vocab.txt), carrying the folder's metadata (tokenizer_class) on."""
     data_tok = dataset.tokenizer
     try:
-        model_tok = folder_tokenizer(folder, vocab)
+        model_tok = folder_tokenizer(folder)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read the vocabulary of {folder}: {e}") from None
     if model_tok is None:
@@ -103,8 +103,8 @@ def fine_tune_vocab(folder: str, dataset: "Dataset", vocab: str = "") -> Tokeniz
         print(f"note: {folder} has no vocab.txt; taking {source}, which {dataset.folder} was prepared with, "
               "as the model's vocabulary", file=sys.stderr)
         return data_tok
-    where = vocab or os.path.join(folder, "vocab.txt")
-    check_vocab(model_tok, folder, data_tok, str(dataset.folder), dataset.prepare_command(where))
+    command = dataset.prepare_command(os.path.join(folder, "vocab.txt"))
+    check_vocab(model_tok, folder, data_tok, str(dataset.folder), command)
     return data_tok.with_settings(hf_metadata=model_tok.hf_metadata or data_tok.hf_metadata)
 
 

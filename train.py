@@ -5,7 +5,7 @@
     python train.py config/novel_small.py --init_from=resume    # go on from out_dir/last.pt
     torchrun --standalone --nproc_per_node=4 train.py config/novel_small.py
 
-Settings are the keys of DEFAULTS below; a config file or --key=value overrides them.
+Settings are the keys of DEFAULTS in trainsettings.py; a config file or --key=value overrides them.
 Writes out_dir/ckpt.pt (best validation loss, for sample.py), out_dir/last.pt (latest, for
 resume), out_dir/metrics.jsonl and out_dir/loss.png.
 """
@@ -29,124 +29,25 @@ from dataset import Dataset, open_dataset
 from files import FolderLock, atomic_torch_save, remove_stale_temps
 from gpt2chinese import train_command
 from hf import load_hf_gpt2
-from memory import estimate_report, plan_memory
-from model import GPT, GPTConfig, peak_flops_for
+from memory import estimate_report, plan_memory, vocab_size_of
+from model import GPT, peak_flops_for
 from optim import decay_start, lr_factor, make_optimizers, set_lr, train_step
 from runtime import Runtime, init_runtime
-
-TYPES = dict(compile=bool)  # keys whose default None means auto
-DEFAULTS = dict(
-    # data and output
-    dataset="hongloumeng",  # folder under data_dir written by prepare.py
-    data_dir="data",
-    out_dir="out",
-    init_from="scratch",  # 'scratch', 'resume' (out_dir/last.pt) or a GPT2-Chinese / HF GPT-2 model folder
-    overwrite=False,  # True: a new run may replace the trained model already in out_dir
-    # model (vocab_size comes from the dataset)
-    n_layer=10,
-    n_head=12,
-    n_embd=768,
-    block_size=512,
-    dropout=0.1,
-    bias=True,
-    # from scratch, the LM head trains only on the tokens the training text uses, plus one row the others share:
-    # 红楼梦 uses 4,343 of 13,317, and novel_cpu's step runs 1.8x faster. Off when fine-tuning a model folder,
-    # whose other rows hold what it learnt. The saved model is a plain GPT-2 either way.
-    used_vocab_head=True,
-    # batch: tokens per optimizer step = batch_size * block_size * gradient_accumulation_steps
-    batch_size=8,
-    gradient_accumulation_steps=4,  # in total, divided among the processes under torchrun
-    gpu_memory="",  # 'auto' (free GPU memory) or a size ('8GB'): the largest micro-batch that fits, same tokens/step
-    # length: max_iters if it is above 0, else epochs over the training tokens; with time_budget (seconds of
-    # wall time, compiling and evaluations included) that is an upper bound, and the run plans its length to end
-    # within the budget on this machine
-    max_iters=0,
-    epochs=15.0,
-    time_budget=0.0,
-    # optimizer: 'muon' (Muon for the blocks' weight matrices, AdamW at learning_rate for embeddings,
-    # biases and LayerNorm) or 'adamw' (AdamW for everything)
-    optimizer="muon",
-    muon_lr=0.02,
-    muon_momentum=0.95,
-    muon_weight_decay=0.0,
-    learning_rate=3e-4,  # AdamW's peak rate
-    # schedule, the same curve for every rate: warm-up, then 'cosine' decay, or 'wsd' (stable, then a linear
-    # decay over the last decay_frac of the run), down to min_lr_ratio of the peak
-    lr_schedule="wsd",
-    decay_frac=0.3,
-    min_lr_ratio=0.1,
-    warmup_iters=200,
-    decay_lr=True,
-    weight_decay=0.1,
-    beta1=0.9,
-    beta2=0.95,
-    grad_clip=1.0,
-    # evaluation, logging, checkpoints
-    eval_interval=250,
-    eval_iters=40,
-    patience=0,  # evaluations without a better val loss before saying the model memorises the text; 0 = off
-    early_stop=False,  # with patience: stop training there (the best checkpoint is kept)
-    log_interval=10,
-    wandb_log=False,
-    wandb_project="novelgpt",
-    wandb_run_name="",  # empty: "<dataset>-<time>"
-    # system
-    device="auto",  # 'auto' (CUDA, else MPS, else CPU), 'cpu', 'cuda', 'cuda:1', 'mps'
-    dtype="auto",  # 'auto', 'float32', 'bfloat16', 'float16'
-    compile=None,  # None: auto (on for CUDA on Linux); True or False to force
-    peak_flops=0.0,  # the GPU's dense bf16 peak FLOP/s for MFU; 0: look it up by GPU name
-    seed=1337,
-    estimate_memory=False,  # print the memory this run needs (no GPU or dataset needed) and exit
-)
-SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")  # fixed once a model exists
-
-
-# ------------------------------------------------------------------ settings
-
-def check_config(config: dict) -> None:
-    """Every setting checked up front, so a mistake is one line before any work, not a traceback later."""
-    positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
-                "eval_interval", "eval_iters", "log_interval", "learning_rate")
-    for key in positive:
-        if config[key] <= 0:
-            raise UserError(f"--{key} must be above 0, got {config[key]}")
-    for key in ("max_iters", "warmup_iters", "min_lr_ratio", "weight_decay", "grad_clip", "peak_flops", "patience",
-                "muon_lr", "muon_weight_decay", "time_budget"):
-        if config[key] < 0:
-            raise UserError(f"--{key} must be 0 or more, got {config[key]}")
-    if config["max_iters"] == 0 and config["epochs"] <= 0:
-        raise UserError(f"--epochs must be above 0 (or set --max_iters), got {config['epochs']}")
-    if not 0 <= config["dropout"] < 1:
-        raise UserError(f"--dropout must be in [0, 1), got {config['dropout']}")
-    for key in ("beta1", "beta2"):
-        if not 0 <= config[key] < 1:
-            raise UserError(f"--{key} must be in [0, 1), got {config[key]}")
-    for key, choices in (("optimizer", ("muon", "adamw")), ("lr_schedule", ("wsd", "cosine"))):
-        if config[key] not in choices:
-            raise UserError(f"--{key} must be {' or '.join(choices)}, got {config[key]!r}")
-    if not 0 < config["decay_frac"] <= 1 or not 0 <= config["muon_momentum"] < 1:
-        raise UserError("--decay_frac must be in (0, 1] and --muon_momentum in [0, 1)")
-    if config["n_embd"] % config["n_head"]:
-        raise UserError(f"--n_embd {config['n_embd']} must be a multiple of --n_head {config['n_head']}")
-    for key in ("dataset", "out_dir", "data_dir"):
-        if not config[key]:
-            raise UserError(f"--{key} must not be empty")
-
+from trainsettings import (DEFAULTS, SHAPE_KEYS, TYPES, check_config, gpt_config, optimizer_settings, schedule,
+                           training_shape)
 
 # ------------------------------------------------------------------ the model and its optimizer
 
 def new_model(config: dict, dataset: Dataset) -> GPT:
     """A model to train from scratch, or the GPT2-Chinese / Hugging Face folder config['init_from']."""
     if config["init_from"] == "scratch":
-        return GPT(GPTConfig(block_size=config["block_size"], vocab_size=dataset.tokenizer.vocab_size,
-                             n_layer=config["n_layer"], n_head=config["n_head"], n_embd=config["n_embd"],
-                             dropout=config["dropout"], bias=config["bias"]))
+        return GPT(gpt_config(config, dataset.tokenizer.vocab_size))
     try:
         model = load_hf_gpt2(config["init_from"], dropout=config["dropout"])
     except (OSError, ValueError) as e:
         raise UserError(f"cannot fine-tune from {config['init_from']}: {e}") from None
     # the checkpoints carry the folder's tokenizer metadata on; a vocabulary that is not the model's is refused
-    dataset.tokenizer = fine_tune_vocab(config["init_from"], dataset, config.get("vocab", ""))
+    dataset.tokenizer = fine_tune_vocab(config["init_from"], dataset)
     if model.config.vocab_size != dataset.tokenizer.vocab_size:
         raise UserError(f"{config['init_from']} has {model.config.vocab_size} tokens but dataset {dataset.folder} "
                         f"has {dataset.tokenizer.vocab_size}; prepare it with --vocab <the model's vocab.txt>")
@@ -415,7 +316,7 @@ def setup_run(config: dict, rt: Runtime, stack: ExitStack) -> Run:
             step_model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
     tokens_per_iter = config["batch_size"] * config["gradient_accumulation_steps"] * config["block_size"]
     max_iters = config["max_iters"] or math.ceil(config["epochs"] * dataset.meta["train_tokens"] / tokens_per_iter)
-    run = Run(config, rt, dataset, out_dir, model, step_model, make_optimizers(model, config, rt.device_type),
+    run = Run(config, rt, dataset, out_dir, model, step_model, make_optimizers(model, optimizer_settings(config), rt.device_type),
               torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16),
               torch.Generator().manual_seed(config["seed"]), MetricsLog(out_dir, config, rt, fresh=checkpoint is None),
               max_iters, tokens_per_iter, dataset.fingerprint())
@@ -552,7 +453,7 @@ class LengthPlanner:
         self.eval_seconds = seconds
         self.eval_in_window += seconds
         if (self.enabled and self.planned and run.iter_num < run.max_iters
-                and run.iter_num < decay_start(run.config, run.max_iters)):
+                and run.iter_num < decay_start(schedule(run.config), run.max_iters)):
             self.plan(run)
 
     def plan(self, run: Run) -> None:
@@ -573,12 +474,23 @@ class LengthPlanner:
         self.mark_iter, self.mark_time, self.eval_in_window = run.iter_num, now, 0.0
 
 
+def dataset_vocab_size(config: dict) -> int:
+    return vocab_size_of(Path(config["data_dir"]) / config["dataset"])
+
+
+def fit_memory(config: dict, rt: Runtime) -> dict:
+    """config with the micro-batch and accumulation that --gpu_memory's budget chose (memory.plan_memory)."""
+    shape = plan_memory(training_shape(config, dataset_vocab_size(config)), config["gpu_memory"], rt)
+    return dict(config, batch_size=shape.batch_size, gradient_accumulation_steps=shape.gradient_accumulation_steps)
+
+
 def train(config: dict) -> dict:
     """Run training as `config` says; returns the final iteration and losses."""
     check_config(config)
     start = LengthPlanner.clock()
     rt = init_runtime(config["device"], config["dtype"], config["compile"], seed=config["seed"])
-    config = plan_memory(config, rt)
+    config = fit_memory(config, rt)
+    curve = schedule(config)
     losses, stopped = {}, False
     try:
         with ExitStack() as stack:
@@ -597,7 +509,7 @@ def train(config: dict) -> dict:
                     t0 += eval_seconds  # evaluation time is not training speed
                 if run.iter_num >= run.max_iters or memorising(run):
                     break
-                factor = lr_factor(run.iter_num, config, run.max_iters)
+                factor = lr_factor(run.iter_num, curve, run.max_iters)
                 set_lr(run.optimizers, factor)
                 x, y = run.next_batch()
                 loss, micro_batch = step_surviving_oom(run, x, y, micro_batch)
@@ -652,7 +564,8 @@ def main(argv: list[str] | None = None) -> None:
         config = get_config(DEFAULTS, chinese.argv if chinese else argv, types=TYPES)
         if config["estimate_memory"]:
             check_config(config)
-            print(estimate_report(config))
+            print(estimate_report(training_shape(config, dataset_vocab_size(config)), config["gpu_memory"],
+                                  config["device"], config["dtype"], config["compile"]))
             return
         result = train(config)
         if chinese and not result["stopped"] and os.environ.get("RANK", "0") == "0":

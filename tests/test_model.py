@@ -11,7 +11,7 @@ import transformers  # test-only dependency, requirements-dev.txt
 from engine import Engine, sample_next
 from hf import load_hf_gpt2, save_hf_gpt2
 from model import GPT, GPTConfig, KVCache, peak_flops_for
-from optim import make_optimizers
+from optim import OptimizerSettings, make_optimizers
 
 TINY = dict(block_size=32, vocab_size=97, n_layer=2, n_head=2, n_embd=16)
 
@@ -368,8 +368,9 @@ def test_initial_loss_is_ln_vocab_and_adamw_overfits_a_batch():
     _, loss = model(x, y)
     assert abs(loss.item() - math.log(97)) < 0.1
     y[0, :5] = -1  # ignored positions must not break the loss
-    config = dict(optimizer="adamw", weight_decay=0.1, learning_rate=1e-2, beta1=0.9, beta2=0.95)
-    [optimizer] = make_optimizers(model, config, "cpu")
+    settings = OptimizerSettings(optimizer="adamw", weight_decay=0.1, learning_rate=1e-2, beta1=0.9, beta2=0.95,
+                                 muon_lr=0.0, muon_momentum=0.0, muon_weight_decay=0.0)
+    [optimizer] = make_optimizers(model, settings, "cpu")
     decayed, plain = optimizer.param_groups
     assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() < 2 for p in plain["params"])
     for _ in range(40):

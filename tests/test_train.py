@@ -393,14 +393,15 @@ def test_two_trainers_on_one_out_dir_the_second_is_refused(data_dir, tmp_path):
 @pytest.mark.slow
 def test_adamw_stays_one_flag_and_muon_takes_the_block_matrices(data_dir, tmp_path):
     from optim import Muon, make_optimizers
+    from trainsettings import optimizer_settings
     model = GPT(GPTConfig(block_size=32, vocab_size=120, n_layer=2, n_head=2, n_embd=32))
-    muon, adamw = make_optimizers(model, tiny_config(data_dir, tmp_path), "cpu")
+    muon, adamw = make_optimizers(model, optimizer_settings(tiny_config(data_dir, tmp_path)), "cpu")
     assert isinstance(muon, Muon) and isinstance(adamw, torch.optim.AdamW)
     in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
     assert in_muon == {id(p) for p in model.transformer.h.parameters() if p.dim() == 2}
     assert id(model.transformer.wte.weight) not in in_muon
-    assert [type(o) for o in make_optimizers(model, tiny_config(data_dir, tmp_path, optimizer="adamw"), "cpu")] == [
-        torch.optim.AdamW]
+    adamw_only = optimizer_settings(tiny_config(data_dir, tmp_path, optimizer="adamw"))
+    assert [type(o) for o in make_optimizers(model, adamw_only, "cpu")] == [torch.optim.AdamW]
     result = train.train(tiny_config(data_dir, tmp_path / "a", optimizer="adamw", max_iters=20, dropout=0.0))
     evals = [r["val_loss"] for r in read_metrics(tmp_path / "a") if "val_loss" in r]
     assert evals[-1] < evals[0] - 0.5 and result["iter_num"] == 20

@@ -1,0 +1,126 @@
+"""train.py's settings: every key with its default, the up-front check, and the objects the library modules
+take instead of the settings dict (GPTConfig, OptimizerSettings, Schedule, TrainingShape). bench.py reads them
+here too, so no script imports another.
+"""
+from __future__ import annotations
+
+from configurator import UserError
+from memory import TrainingShape
+from model import GPTConfig
+from optim import OptimizerSettings, Schedule
+
+TYPES = dict(compile=bool)  # keys whose default None means auto
+DEFAULTS = dict(
+    # data and output
+    dataset="hongloumeng",  # folder under data_dir written by prepare.py
+    data_dir="data",
+    out_dir="out",
+    init_from="scratch",  # 'scratch', 'resume' (out_dir/last.pt) or a GPT2-Chinese / HF GPT-2 model folder
+    overwrite=False,  # True: a new run may replace the trained model already in out_dir
+    # model (vocab_size comes from the dataset)
+    n_layer=10,
+    n_head=12,
+    n_embd=768,
+    block_size=512,
+    dropout=0.1,
+    bias=True,
+    # from scratch, the LM head trains only on the tokens the training text uses, plus one row the others share:
+    # 红楼梦 uses 4,343 of 13,317, and novel_cpu's step runs 1.8x faster. Off when fine-tuning a model folder,
+    # whose other rows hold what it learnt. The saved model is a plain GPT-2 either way.
+    used_vocab_head=True,
+    # batch: tokens per optimizer step = batch_size * block_size * gradient_accumulation_steps
+    batch_size=8,
+    gradient_accumulation_steps=4,  # in total, divided among the processes under torchrun
+    gpu_memory="",  # 'auto' (free GPU memory) or a size ('8GB'): the largest micro-batch that fits, same tokens/step
+    # length: max_iters if it is above 0, else epochs over the training tokens; with time_budget (seconds of
+    # wall time, compiling and evaluations included) that is an upper bound, and the run plans its length to end
+    # within the budget on this machine
+    max_iters=0,
+    epochs=15.0,
+    time_budget=0.0,
+    # optimizer: 'muon' (Muon for the blocks' weight matrices, AdamW at learning_rate for embeddings,
+    # biases and LayerNorm) or 'adamw' (AdamW for everything)
+    optimizer="muon",
+    muon_lr=0.02,
+    muon_momentum=0.95,
+    muon_weight_decay=0.0,
+    learning_rate=3e-4,  # AdamW's peak rate
+    # schedule, the same curve for every rate: warm-up, then 'cosine' decay, or 'wsd' (stable, then a linear
+    # decay over the last decay_frac of the run), down to min_lr_ratio of the peak
+    lr_schedule="wsd",
+    decay_frac=0.3,
+    min_lr_ratio=0.1,
+    warmup_iters=200,
+    decay_lr=True,
+    weight_decay=0.1,
+    beta1=0.9,
+    beta2=0.95,
+    grad_clip=1.0,
+    # evaluation, logging, checkpoints
+    eval_interval=250,
+    eval_iters=40,
+    patience=0,  # evaluations without a better val loss before saying the model memorises the text; 0 = off
+    early_stop=False,  # with patience: stop training there (the best checkpoint is kept)
+    log_interval=10,
+    wandb_log=False,
+    wandb_project="novelgpt",
+    wandb_run_name="",  # empty: "<dataset>-<time>"
+    # system
+    device="auto",  # 'auto' (CUDA, else MPS, else CPU), 'cpu', 'cuda', 'cuda:1', 'mps'
+    dtype="auto",  # 'auto', 'float32', 'bfloat16', 'float16'
+    compile=None,  # None: auto (on for CUDA on Linux); True or False to force
+    peak_flops=0.0,  # the GPU's dense bf16 peak FLOP/s for MFU; 0: look it up by GPU name
+    seed=1337,
+    estimate_memory=False,  # print the memory this run needs (no GPU or dataset needed) and exit
+)
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")  # fixed once a model exists
+
+
+def check_config(config: dict) -> None:
+    """Every setting checked up front, so a mistake is one line before any work, not a traceback later."""
+    positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
+                "eval_interval", "eval_iters", "log_interval", "learning_rate")
+    for key in positive:
+        if config[key] <= 0:
+            raise UserError(f"--{key} must be above 0, got {config[key]}")
+    for key in ("max_iters", "warmup_iters", "min_lr_ratio", "weight_decay", "grad_clip", "peak_flops", "patience",
+                "muon_lr", "muon_weight_decay", "time_budget"):
+        if config[key] < 0:
+            raise UserError(f"--{key} must be 0 or more, got {config[key]}")
+    if config["max_iters"] == 0 and config["epochs"] <= 0:
+        raise UserError(f"--epochs must be above 0 (or set --max_iters), got {config['epochs']}")
+    if not 0 <= config["dropout"] < 1:
+        raise UserError(f"--dropout must be in [0, 1), got {config['dropout']}")
+    for key in ("beta1", "beta2"):
+        if not 0 <= config[key] < 1:
+            raise UserError(f"--{key} must be in [0, 1), got {config[key]}")
+    for key, choices in (("optimizer", ("muon", "adamw")), ("lr_schedule", ("wsd", "cosine"))):
+        if config[key] not in choices:
+            raise UserError(f"--{key} must be {' or '.join(choices)}, got {config[key]!r}")
+    if not 0 < config["decay_frac"] <= 1 or not 0 <= config["muon_momentum"] < 1:
+        raise UserError("--decay_frac must be in (0, 1] and --muon_momentum in [0, 1)")
+    if config["n_embd"] % config["n_head"]:
+        raise UserError(f"--n_embd {config['n_embd']} must be a multiple of --n_head {config['n_head']}")
+    for key in ("dataset", "out_dir", "data_dir"):
+        if not config[key]:
+            raise UserError(f"--{key} must not be empty")
+
+
+def gpt_config(config: dict, vocab_size: int) -> GPTConfig:
+    """The model that config's shape keys describe, for a vocabulary of vocab_size."""
+    return GPTConfig(block_size=config["block_size"], vocab_size=vocab_size, n_layer=config["n_layer"],
+                     n_head=config["n_head"], n_embd=config["n_embd"], dropout=config["dropout"], bias=config["bias"])
+
+
+def optimizer_settings(config: dict) -> OptimizerSettings:
+    return OptimizerSettings(**{key: config[key] for key in OptimizerSettings.__dataclass_fields__})
+
+
+def schedule(config: dict) -> Schedule:
+    return Schedule(**{key: config[key] for key in Schedule.__dataclass_fields__})
+
+
+def training_shape(config: dict, vocab_size: int) -> TrainingShape:
+    """What memory.py estimates for config's run."""
+    return TrainingShape(gpt_config(config, vocab_size), config["batch_size"], config["gradient_accumulation_steps"],
+                         config["optimizer"])
