@@ -27,9 +27,9 @@ import torch
 
 from engine import Engine
 from configurator import UserError
-from model import GPT, GPTConfig, peak_flops_for
+from model import GPT, GPTConfig
 from quant import quantize_int8
-from runtime import Runtime, cpu_has_bf16, init_runtime
+from runtime import Runtime, cpu_has_bf16, init_runtime, peak_flops_for
 from tokenizer import DEFAULT_VOCAB_SIZE
 from optim import make_optimizers, train_step
 from trainsettings import DEFAULTS, TYPES, check_config, gpt_config, optimizer_settings, training_shape
@@ -312,7 +312,7 @@ def bench_train(argv: list[str]) -> None:
             f"{' compiled' if rt.compile else ''}, batch {batch} x {block} x {accumulation} accumulation: "
             f"{seconds * 1e3:.0f} ms/iter, {tokens_per_s:,.0f} tokens/s (first step {first_s:.1f} s)")
     if device_type == "cuda":
-        peak = config["peak_flops"] or None
+        peak = config["peak_flops"] or peak_flops_for(torch.cuda.get_device_name())
         line += (f", MFU {100 * model.estimate_mfu(batch * accumulation, seconds, peak):.1f}%, "
                  f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GB")
     print(line)

@@ -13,14 +13,13 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from configurator import UserError
 from hf import folder_tokenizer, load_hf_gpt2
 from model import GPT
-from quant import apply_quantization, check_quantize_mode
 from tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -153,18 +152,27 @@ def resolve_source(source: str, newest_fallback: bool = False) -> str:
     raise UserError(f"no checkpoint at {best}; {hint} (or --init_from a GPT2-Chinese model folder)")
 
 
+class LoadedModel(NamedTuple):
+    """What load_model returns; a checkpoint file is read once for all three."""
+    model: GPT
+    tokenizer: Tokenizer
+    metadata: dict  # a .pt's entries but the weights (config: the training settings, iter_num...); {} for a folder
+
+
 def load_model(source: str, vocab: str = "", device: str = "cpu", dtype: torch.dtype = torch.float32,
-               newest_fallback: bool = False, quantize: str = "none") -> tuple[GPT, Tokenizer]:
-    """The model and tokenizer of a run folder (its ckpt.pt), a .pt file, or a HF / GPT2-Chinese folder,
-    in eval mode on device. vocab: the vocab.txt of a folder without one; for a .pt it must match.
-    quantize: "none", or "int8" for int8 weights in the blocks and the LM head (quant.py, CPU only)."""
-    check_quantize_mode(quantize, str(device))  # before the slow part
+               newest_fallback: bool = False) -> LoadedModel:
+    """The model, tokenizer and metadata of a run folder (its ckpt.pt), a .pt file, or a HF / GPT2-Chinese
+    folder, the model in eval mode on device. vocab: the vocab.txt of a folder without one; for a .pt it must
+    match. Quantising (quant.py) is the caller's choice."""
     path = resolve_source(source, newest_fallback)
+    metadata: dict = {}
     if os.path.isdir(path):
         model, tok = _load_hf_folder(path, vocab)
     else:
-        model, tok = model_from_checkpoint(read_checkpoint(path), path)
+        checkpoint = read_checkpoint(path)
+        model, tok = model_from_checkpoint(checkpoint, path)
+        metadata = {key: value for key, value in checkpoint.items() if key != "model"}
         if vocab:
             check_vocab(tok, path, vocab_from_file(vocab), vocab,
                         "leave --vocab out: the checkpoint carries its own vocabulary")
-    return apply_quantization(model.eval().to(device=device, dtype=dtype), quantize), tok
+    return LoadedModel(model.eval().to(device=device, dtype=dtype), tok, metadata)

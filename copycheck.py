@@ -186,27 +186,21 @@ def copy_summary(text: str, tok: Tokenizer, index: CopyIndex, min_copy: int = DE
             f"{copies.share:.0%} of the text lies in copied spans of {min_copy}+ characters")
 
 
-def checkpoint_dataset(path: str | Path) -> Path | None:
-    """The dataset folder a train.py checkpoint (.pt) was trained on, from its config; None if it names none."""
-    import torch  # here, not at the top: the index itself needs only numpy
-
-    if not os.path.isfile(path):  # a Hugging Face / GPT2-Chinese folder records no training data
-        return None
-    try:  # mmap: the config is read without reading the weights
-        config = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("config") or {}
-    except Exception:  # the model loader has said what is wrong with the file already
-        return None
+def trained_dataset(metadata: dict) -> Path | None:
+    """The dataset folder a checkpoint was trained on, from its metadata's config (checkpoint.load_model); None
+    if it names none, as a Hugging Face / GPT2-Chinese folder does not."""
+    config = metadata.get("config") or {}
     if not config.get("dataset"):
         return None
     return Path(config.get("data_dir") or "data") / str(config["dataset"])
 
 
-def copy_index_for(path: str | Path, tok: Tokenizer) -> tuple[CopyIndex | None, str]:
-    """The copy index of the training text of the checkpoint at path, and a line saying what is checked
-    (or why nothing is). The index is built and cached on first use."""
-    folder = checkpoint_dataset(path)
+def copy_index_for(metadata: dict, source: str | Path, tok: Tokenizer) -> tuple[CopyIndex | None, str]:
+    """The copy index of the training text of the checkpoint read from source (its metadata), and a line saying
+    what is checked (or why nothing is). The index is built and cached on first use."""
+    folder = trained_dataset(metadata)
     if folder is None:
-        return None, f"copy check off: {path} does not name the dataset it was trained on"
+        return None, f"copy check off: {source} does not name the dataset it was trained on"
     try:
         meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -21,9 +21,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from checkpoint import check_vocab, load_model, read_checkpoint, resolve_source
+from checkpoint import check_vocab, load_model, resolve_source
 from configurator import UserError, exit_with_error, get_config
 from dataset import open_dataset
+from quant import apply_quantization, check_quantize_mode
 from runtime import init_runtime
 
 MIN_DISCOUNT = 0.05  # modified Kneser-Ney discounts never go below this (only tiny corpora get near it)
@@ -333,9 +334,11 @@ def evaluate(config: dict) -> dict[str, float]:
     """Print and return the model's loss on the val split (or --text) and, with --baseline, the n-grams'."""
     rt = init_runtime(config["device"], config["dtype"], compile=False)
     source = config["init_from"] or config["out_dir"]
+    check_quantize_mode(config["quantize"], str(rt.device))  # before the slow part
     path = resolve_source(source)
-    model, tok = load_model(path, config["vocab"], rt.device, quantize=config["quantize"])
-    trained_on = read_checkpoint(path).get("config", {}) if path.endswith(".pt") else {}
+    model, tok, metadata = load_model(path, config["vocab"], rt.device)
+    model = apply_quantization(model, config["quantize"])
+    trained_on = metadata.get("config", {})
     name = config["dataset"] or trained_on.get("dataset", "")
     data_dir = config["data_dir"] or trained_on.get("data_dir", "data")
     results = {}

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         if config["format"] not in FORMATS:
             raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {config['format']!r}")
         source, target = bare
-        model, tok = load_model(resolve_source(source), config["vocab"])
+        model, tok, _ = load_model(resolve_source(source), config["vocab"])
         try:
             names = export_folder(model, tok, target, config["format"])
         except (OSError, ValueError) as e:

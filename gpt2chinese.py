@@ -401,7 +401,7 @@ def export_final_model(out_dir: str, folder: Path) -> Path:
     from checkpoint import load_model
     from hf import export_folder
 
-    model, tok = load_model(os.path.join(out_dir, "ckpt.pt"))
+    model, tok, _ = load_model(os.path.join(out_dir, "ckpt.pt"))
     try:
         export_folder(model, tok, folder)  # both pytorch_model.bin (transformers 2.x) and model.safetensors
     except (OSError, ValueError) as e:

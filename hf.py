@@ -90,32 +90,6 @@ def _read_hf_weights(path: str) -> dict[str, torch.Tensor]:
     raise ValueError(f"{path} has neither model.safetensors nor pytorch_model.bin (nor a sharded index)")
 
 
-def save_hf_gpt2(model: GPT, path: str, safe_serialization: bool = True) -> None:
-    """Write model as a Hugging Face GPT-2 folder: config.json + model.safetensors (or pytorch_model.bin)."""
-    cfg = model.config
-    if not cfg.bias:
-        raise ValueError("Hugging Face GPT-2 has biases; a model with bias=False cannot be exported")
-    hf_config = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=cfg.vocab_size,
-                     n_positions=cfg.block_size, n_ctx=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-                     n_head=cfg.n_head, n_inner=None, activation_function="gelu_new",
-                     layer_norm_epsilon=cfg.layer_norm_epsilon, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
-                     attn_pdrop=cfg.dropout, initializer_range=0.02, tie_word_embeddings=True)
-    state = _export_weights(model)
-    os.makedirs(path, exist_ok=True)
-    weights_name = "model.safetensors" if safe_serialization else "pytorch_model.bin"
-    # write to temporary names and rename, so an interrupted save never leaves a half-written folder
-    tmp = os.path.join(path, weights_name + ".tmp")
-    if safe_serialization:
-        from safetensors.torch import save_file
-        save_file(state, tmp, metadata={"format": "pt"})
-    else:
-        torch.save(state, tmp)
-    with open(os.path.join(path, "config.json.tmp"), "w", encoding="utf-8") as f:
-        json.dump(hf_config, f, indent=2)
-    os.replace(tmp, os.path.join(path, weights_name))
-    os.replace(os.path.join(path, "config.json.tmp"), os.path.join(path, "config.json"))
-
-
 def load_hf_gpt2(path: str, dropout: float = 0.0) -> GPT:
     """Load a Hugging Face GPT-2 folder (e.g. GPT2-Chinese's model/final_model) without transformers;
     dropout is the training setting to give it (a folder's own pdrop values are not ours to keep)."""

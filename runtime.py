@@ -177,3 +177,23 @@ def init_runtime(device: str = "auto", dtype: str = "auto", compile: bool | None
         torch.manual_seed(seed + rank)  # each rank its own dropout stream
     return Runtime(device=device, dtype=pick_dtype(dtype, device_type), compile=pick_compile(compile, device_type),
                    rank=rank, local_rank=local_rank, world_size=world_size)
+
+
+# Peak dense bf16 tensor FLOP/s with fp32 accumulate (the mode autocast trains in), matched as a
+# substring of torch.cuda.get_device_name(); first match wins, so specific names come first.
+PEAK_BF16_FLOPS = [
+    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
+    ("A100", 312e12), ("A10G", 70e12), ("L4", 121e12),
+    ("RTX 4090", 165e12), ("RTX 4080", 97.5e12), ("RTX 4070 Laptop", 36e12), ("RTX 4070", 58e12),
+    ("RTX 4060 Laptop", 29e12), ("RTX 4060 Ti", 44e12), ("RTX 4060", 30e12),
+    ("RTX 3090", 71e12), ("RTX 3080", 59.5e12), ("RTX 3070", 40.6e12),
+    ("RTX 3060 Laptop", 26e12), ("RTX 3060 Ti", 32.4e12), ("RTX 3060", 25.5e12),
+]
+
+
+def peak_flops_for(device_name: str) -> float | None:
+    """Peak dense bf16 FLOP/s of a GPU named as torch.cuda.get_device_name says; None if not in the table."""
+    for name, flops in PEAK_BF16_FLOPS:
+        if name.lower() in device_name.lower():
+            return flops
+    return None

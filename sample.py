@@ -29,6 +29,7 @@ from configurator import UserError, exit_with_error, get_config
 from copycheck import CopyIndex, copy_index_for, copy_summary
 from engine import Engine, SamplingSettings
 from gpt2chinese import generate_command, generate_samples, save_samples_file
+from quant import apply_quantization, check_quantize_mode
 from runtime import init_runtime, use_decode_threads
 from tokenizer import Tokenizer
 
@@ -231,16 +232,18 @@ def main(argv: list[str] | None = None) -> None:
         prompt = read_prompt(config["start"])
         rt = init_runtime(config["device"], config["dtype"], config["compile"])
         use_decode_threads(rt.device_type)  # fewer threads beside busy processes
+        check_quantize_mode(config["quantize"], str(rt.device))  # before the slow part
         default_out = not config["init_from"] and config["out_dir"] == DEFAULTS["out_dir"]
         path = resolve_source(config["init_from"] or config["out_dir"], newest_fallback=default_out)
-        model, tok = load_model(path, config["vocab"], rt.device, rt.dtype, quantize=config["quantize"])
+        model, tok, metadata = load_model(path, config["vocab"], rt.device, rt.dtype)
+        model = apply_quantization(model, config["quantize"])
         if chinese and chinese.length_from_model:
             config["max_new_tokens"] = model.config.block_size  # --length -1: the model's n_ctx
         if not config["interactive"] and len(tok.encode(prompt)) == 0:
             raise UserError('empty prompt; give some text with --start, or --start "[CLS]" to begin a new text')
         index = None
         if config["min_copy"] > 0:
-            index, note = copy_index_for(path, tok)
+            index, note = copy_index_for(metadata, path, tok)
             print(note, file=sys.stderr)
         engine = Engine(model)
         if rt.compile:

@@ -45,6 +45,7 @@ from checkpoint import load_model, resolve_source
 from configurator import UserError, exit_with_error, get_config
 from copycheck import DEFAULT_MIN_COPY, GRAM, CopyIndex, copy_index_for, find_copies
 from engine import Engine, SamplingSettings
+from quant import apply_quantization, check_quantize_mode
 from runtime import init_runtime, use_decode_threads
 from tokenizer import Tokenizer
 
@@ -391,16 +392,18 @@ def main(argv: list[str] | None = None) -> None:
         defaults = check_config(config)
         rt = init_runtime(config["device"], config["dtype"], config["compile"])
         use_decode_threads(rt.device_type)  # fewer threads beside busy processes
+        check_quantize_mode(config["quantize"], str(rt.device))  # before the slow part
         default_out = not config["init_from"] and config["out_dir"] == DEFAULTS["out_dir"]
         path = resolve_source(config["init_from"] or config["out_dir"], newest_fallback=default_out)
-        model, tok = load_model(path, config["vocab"], rt.device, rt.dtype, quantize=config["quantize"])
+        model, tok, metadata = load_model(path, config["vocab"], rt.device, rt.dtype)
+        model = apply_quantization(model, config["quantize"])
         engine = Engine(model)
         if rt.compile:
             print("note: compiling the decode step; the first request waits for it", file=sys.stderr)
             engine.compile()
         copy_index = None
         if config["copy_check"]:
-            copy_index, note = copy_index_for(path, tok)
+            copy_index, note = copy_index_for(metadata, path, tok)
             print(note, file=sys.stderr)
         loopback = is_loopback(config["host"])
         allowed = ["127.0.0.1", "localhost", "::1"] if loopback else None

@@ -30,9 +30,9 @@ from files import FolderLock, atomic_torch_save, remove_stale_temps
 from gpt2chinese import train_command
 from hf import load_hf_gpt2
 from memory import estimate_report, plan_memory, vocab_size_of
-from model import GPT, peak_flops_for
+from model import GPT
 from optim import decay_start, lr_factor, make_optimizers, set_lr, train_step
-from runtime import Runtime, init_runtime
+from runtime import Runtime, init_runtime, peak_flops_for
 from trainsettings import (DEFAULTS, SHAPE_KEYS, TYPES, check_config, gpt_config, optimizer_settings, schedule,
                            training_shape)
 

@@ -20,6 +20,7 @@ import uvicorn
 from checkpoint import checkpoint_state
 from copycheck import load_copy_index
 from dataset import prepare
+from hf import export_folder
 from model import GPT, GPTConfig
 from serve import create_app
 from tokenizer import Tokenizer
@@ -127,3 +128,19 @@ def running_server(app) -> Iterator[str]:
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+def gpt2_chinese_folder(model: GPT, folder: Path, fmt: str = "safetensors") -> Path:
+    """A model folder as GPT2-Chinese's train.py leaves one: config.json (no token ids) and the weights, no
+    vocabulary (GPT2-Chinese keeps that in cache/vocab_small.txt). export_folder writes it, less the rest."""
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    placeholder = Tokenizer(specials + [chr(0x4E00 + i) for i in range(model.config.vocab_size - len(specials))])
+    export_folder(model, placeholder, folder, fmt)
+    for path in folder.iterdir():
+        if path.name not in ("config.json", "model.safetensors", "pytorch_model.bin"):
+            path.unlink()
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        config.pop(key)
+    (folder / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return folder

@@ -81,7 +81,7 @@ def test_export_reloads_in_transformers_with_equal_logits_and_ids(fine_tuned):
     names = sorted(p.name for p in (root / "exported").iterdir())
     assert {"config.json", "generation_config.json", "model.safetensors", "pytorch_model.bin", "vocab.txt",
             "tokenizer_config.json", "special_tokens_map.json"} <= set(names)
-    ours, _ = load_model(str(root / "out"))
+    ours, _, _ = load_model(str(root / "out"))
     with Complaints() as complaints:
         model = GPT2LMHeadModel.from_pretrained(root / "exported").eval()
         hf_tok = AutoTokenizer.from_pretrained(root / "exported")
@@ -118,11 +118,11 @@ def test_bin_only_export_loads_and_matches(fine_tuned):
     assert not (root / "bin_only" / "model.safetensors").exists()
     assert (root / "bin_only" / "pytorch_model.bin").read_bytes()[:2] != b"PK"  # the pre-1.6 format, not a zip
     model = GPT2LMHeadModel.from_pretrained(root / "bin_only").eval()
-    ours, _ = load_model(str(root / "bin_only"))  # and our own loader reads the exported folder back
+    ours, _, _ = load_model(str(root / "bin_only"))  # and our own loader reads the exported folder back
     x = torch.as_tensor(tok.encode(PARAGRAPH)[:32])[None]
     with torch.no_grad():
         assert (model(x).logits - ours(x, x)[0]).abs().max().item() < 1e-5
-    again, tok_again = load_model(str(root / "bin_only"))
+    again, tok_again, _ = load_model(str(root / "bin_only"))
     assert tok_again.itos == tok.itos and (tok_again.doc_start, tok_again.doc_end) == (tok.doc_start, tok.doc_end)
 
 

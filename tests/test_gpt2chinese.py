@@ -17,9 +17,8 @@ import sample as sample_py
 import train as train_py
 from checkpoint import load_model
 from configurator import UserError, get_config
-from conftest import ENV
+from conftest import ENV, gpt2_chinese_folder
 from engine import Engine, SamplingSettings
-from hf import save_hf_gpt2
 from model import GPT, GPTConfig
 from runtime import pick_dtype
 from tokenizer import Tokenizer
@@ -113,8 +112,8 @@ def test_seeds_training_command_prepares_trains_and_exports_final_model(trained)
     assert Tokenizer.from_vocab_file(final / "vocab.txt").itos == vocab.itos
     assert (config["bos_token_id"], config["eos_token_id"]) == (vocab.stoi["[MASK]"], vocab.stoi["[CLS]"])
     assert {"tokenizer_config.json", "generation_config.json"} <= set(os.listdir(final))
-    exported, _ = load_model(str(final))
-    best, _ = load_model(str(root / "model" / "ckpt.pt"))
+    exported, _, _ = load_model(str(final))
+    best, _, _ = load_model(str(root / "model" / "ckpt.pt"))
     ids = torch.tensor([vocab.encode("[MASK]苏落妩媚一笑").tolist()])
     assert torch.equal(exported(ids)[0], best(ids)[0])  # the best checkpoint, exactly
 
@@ -140,7 +139,7 @@ def test_seeds_generate_command_verbatim(trained, capsys, monkeypatch):
         + "=" * 80 + "\n"
 
     # with the printed seed, the first sample is what this model and vocabulary give
-    model, tok = load_model("model/final_model", "cache/vocab_small.txt", dtype=pick_dtype("auto", "cpu"))
+    model, tok, _ = load_model("model/final_model", "cache/vocab_small.txt", dtype=pick_dtype("auto", "cpu"))
     settings = SamplingSettings(max_new_tokens=1000, top_k=8, num_samples=1, seed=int(figures.group(3)),
                                 ignore_eos=True)
     again, ids = gpt2chinese.generate_samples(Engine(model), tok, "[CLS]苏落妩媚一笑", settings, 1, lambda s: None)
@@ -158,7 +157,7 @@ def cls_heavy_folder(folder: Path, tok: Tokenizer) -> Path:
         model.transformer.ln_f.bias[0] = 1.0
         model.lm_head.weight[:, 0] = 0.0
         model.lm_head.weight[tok.cls_id, 0] = 3.0
-    save_hf_gpt2(model, str(folder))
+    gpt2_chinese_folder(model, folder)
     (folder / "vocab.txt").write_text(tok.vocab_file_text(), encoding="utf-8")
     return folder
 

@@ -9,9 +9,11 @@ import torch
 
 import transformers  # test-only dependency, requirements-dev.txt
 from engine import Engine, sample_next
-from hf import load_hf_gpt2, save_hf_gpt2
-from model import GPT, GPTConfig, KVCache, peak_flops_for
+from conftest import gpt2_chinese_folder
+from hf import load_hf_gpt2
+from model import GPT, GPTConfig, KVCache
 from optim import OptimizerSettings, make_optimizers
+from runtime import peak_flops_for
 
 TINY = dict(block_size=32, vocab_size=97, n_layer=2, n_head=2, n_embd=16)
 
@@ -95,7 +97,7 @@ def test_loads_hf_gpt2_with_identical_logits(tmp_path, fmt):
 @pytest.mark.parametrize("safe", [True, False])
 def test_saved_model_loads_in_transformers_with_identical_logits(tmp_path, safe):
     ours = tiny_model()
-    save_hf_gpt2(ours, str(tmp_path), safe_serialization=safe)
+    gpt2_chinese_folder(ours, tmp_path, "safetensors" if safe else "bin")
     expected_file = "model.safetensors" if safe else "pytorch_model.bin"
     assert sorted(os.listdir(tmp_path)) == sorted(["config.json", expected_file])
     hf = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path)).eval()

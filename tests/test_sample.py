@@ -16,9 +16,8 @@ import torch
 
 import sample as sample_py
 from checkpoint import load_model
-from conftest import ENV
+from conftest import ENV, gpt2_chinese_folder
 from engine import Engine, SamplingSettings
-from hf import save_hf_gpt2
 from model import GPT, GPTConfig
 from runtime import pick_dtype
 from sample import format_samples, sample, sample_header, save_samples
@@ -71,14 +70,14 @@ def setup(tmp_path_factory):
     model = build_model(tok, cls_logit=-30.0)
     save_checkpoint(model, tok, root / "out")
     save_checkpoint(build_model(tok, cls_logit=4.0), tok, root / "out_eos")
-    save_hf_gpt2(model, str(root / "gpt2chinese" / "model" / "final_model"))
+    gpt2_chinese_folder(model, root / "gpt2chinese" / "model" / "final_model")
     (root / "gpt2chinese" / "cache").mkdir()
     (root / "gpt2chinese" / "cache" / "vocab_small.txt").write_text(tok.vocab_file_text(), encoding="utf-8")
     return root
 
 
 def load(setup, name="out"):
-    model, tok = load_model(str(setup / name), device="cpu", dtype=pick_dtype("auto", "cpu"))
+    model, tok, _ = load_model(str(setup / name), device="cpu", dtype=pick_dtype("auto", "cpu"))
     return Engine(model), tok
 
 

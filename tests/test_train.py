@@ -15,8 +15,8 @@ import torch
 import dataset
 import train
 from configurator import UserError, get_config
+from conftest import gpt2_chinese_folder
 from files import atomic_torch_save
-from hf import save_hf_gpt2
 from model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -227,13 +227,13 @@ def test_epochs_become_iterations(data_dir, tmp_path):
 @pytest.mark.slow
 def test_fine_tune_from_a_gpt2_chinese_folder(data_dir, tmp_path):
     folder = tmp_path / "final_model"
-    save_hf_gpt2(GPT(GPTConfig(block_size=64, vocab_size=120, n_layer=1, n_head=2, n_embd=32)), str(folder))
+    gpt2_chinese_folder(GPT(GPTConfig(block_size=64, vocab_size=120, n_layer=1, n_head=2, n_embd=32)), folder)
     (folder / "vocab.txt").write_bytes((data_dir / "tiny" / "vocab.txt").read_bytes())  # the model's vocabulary
     result = train.train(tiny_config(data_dir, tmp_path / "out", init_from=str(folder), max_iters=4))
     assert result["iter_num"] == 4
     assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["model_args"]["block_size"] == 64
     with pytest.raises(UserError, match="--vocab"):
-        save_hf_gpt2(GPT(GPTConfig(block_size=64, vocab_size=99, n_layer=1, n_head=2, n_embd=32)), str(folder))
+        gpt2_chinese_folder(GPT(GPTConfig(block_size=64, vocab_size=99, n_layer=1, n_head=2, n_embd=32)), folder)
         train.train(tiny_config(data_dir, tmp_path / "out2", init_from=str(folder)))
 
 
@@ -248,7 +248,7 @@ def test_from_scratch_the_head_trains_on_the_used_tokens_and_saves_a_plain_model
         assert torch.equal(rows, rows[:1].expand_as(rows)) == on  # off: every unused row trained on its own
         assert torch.load(tmp_path / str(on) / "last.pt", weights_only=True)["used_vocab_head"] == on
     folder = tmp_path / "final_model"  # fine-tuning keeps the whole head: its unused rows hold what it learnt
-    save_hf_gpt2(GPT(GPTConfig(block_size=64, vocab_size=120, n_layer=1, n_head=2, n_embd=32)), str(folder))
+    gpt2_chinese_folder(GPT(GPTConfig(block_size=64, vocab_size=120, n_layer=1, n_head=2, n_embd=32)), folder)
     (folder / "vocab.txt").write_bytes((data_dir / "tiny" / "vocab.txt").read_bytes())
     train.train(tiny_config(data_dir, tmp_path / "tuned", init_from=str(folder), max_iters=2))
     assert torch.load(tmp_path / "tuned" / "last.pt", weights_only=True)["used_vocab_head"] is False

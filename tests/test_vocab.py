@@ -12,8 +12,8 @@ import dataset
 import train
 from checkpoint import load_model
 from configurator import UserError
+from conftest import gpt2_chinese_folder
 from engine import Engine, SamplingSettings
-from hf import save_hf_gpt2
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
@@ -138,7 +138,7 @@ def test_same_size_other_vocabulary_is_refused_on_fine_tune(two_datasets, tmp_pa
     b = Tokenizer.from_vocab_file(root / "data" / "b" / "vocab.txt")
     assert a.vocab_size == b.vocab_size == 13317 and a.itos != b.itos
     folder = tmp_path / "final_model"
-    save_hf_gpt2(GPT(GPTConfig(block_size=32, vocab_size=13317, n_layer=1, n_head=2, n_embd=16)), str(folder))
+    gpt2_chinese_folder(GPT(GPTConfig(block_size=32, vocab_size=13317, n_layer=1, n_head=2, n_embd=16)), folder)
     (folder / "vocab.txt").write_text(a.vocab_file_text(), encoding="utf-8")
     with pytest.raises(UserError, match=r"does not match .*python prepare\.py .*b\.txt --name b --vocab "
                                         rf"{folder}/vocab\.txt$"):
@@ -161,12 +161,12 @@ def test_resume_on_another_vocabulary_is_refused(two_datasets):
 @pytest.mark.slow
 def test_sampling_with_another_vocab_file_is_refused(two_datasets, tmp_path):
     root = two_datasets
-    model, tok = load_model(str(root / "run"), vocab=str(root / "data" / "a" / "vocab.txt"))
+    model, tok, _ = load_model(str(root / "run"), vocab=str(root / "data" / "a" / "vocab.txt"))
     assert tok.itos == Tokenizer.from_vocab_file(root / "data" / "a" / "vocab.txt").itos
     with pytest.raises(UserError, match="first difference at id .*leave --vocab out"):
         load_model(str(root / "run"), vocab=str(root / "data" / "b" / "vocab.txt"))
     folder = tmp_path / "exported"
-    save_hf_gpt2(model, str(folder))
+    gpt2_chinese_folder(model, folder)
     (folder / "vocab.txt").write_text(tok.vocab_file_text(), encoding="utf-8")
     assert load_model(str(folder), vocab=str(root / "data" / "a" / "vocab.txt"))[1].itos == tok.itos
     with pytest.raises(UserError, match="the folder's vocab.txt is its vocabulary"):
@@ -180,7 +180,7 @@ def test_uer_folder_wraps_documents_in_cls_and_sep_and_ends_on_sep(tmp_path):
     lines = bert_vocab_lines(PARAGRAPH, size=400)
     folder = tmp_path / "uer"
     model = GPT(GPTConfig(block_size=32, vocab_size=400, n_layer=1, n_head=2, n_embd=16))
-    save_hf_gpt2(model, str(folder))
+    gpt2_chinese_folder(model, folder)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps(dict(config, tokenizer_class="BertTokenizer", eos_token_id=50256)))
     write_lines(folder / "vocab.txt", lines)
