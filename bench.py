@@ -412,7 +412,9 @@ def bench_gpu(argv: list[str]) -> int:
     import memory
     if all(arg.startswith("--") for arg in argv):  # no config file given: our users' model
         argv = [str(Path(__file__).resolve().parent / "config" / "novel_small.py"), *argv]
-    config = get_config(dict(DEFAULTS, iters=300, warmup_steps=10, memory_budget_gb=0.0), argv, types=TYPES)
+    options = DEFAULTS.with_more(iters=(300, "timed steps"), warmup_steps=(10, "untimed steps before them"),
+                                 memory_budget_gb=(0.0, "emulate a card of this many GB on a bigger GPU; 0 = off"))
+    config = get_config(options, argv, types=TYPES)
     check_config(config)
     rt = init_runtime(config["device"], config["dtype"], None, seed=config["seed"])
     try:

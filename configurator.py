@@ -112,16 +112,37 @@ def _read_config_file(path: str, defaults: dict, types: dict[str, type]) -> dict
     return settings
 
 
+class Options(dict):
+    """A script's settings, written as key=(default, "one-line explanation"): a dict of the defaults whose
+    explanations --help prints beside them, so a key's meaning is written once, where it is defined."""
+
+    def __init__(self, **spec: tuple[object, str]):
+        super().__init__((key, default) for key, (default, _) in spec.items())
+        self.explanations = {key: text for key, (_, text) in spec.items()}
+
+    def with_more(self, **spec: tuple[object, str]) -> "Options":
+        """These options and more (a subcommand's own)."""
+        return Options(**{key: (default, self.explanations[key]) for key, default in self.items()}, **spec)
+
+
 def _print_help(defaults: dict, aliases: dict[str, str], positional: str | None = None) -> None:
     main_doc = (getattr(sys.modules.get("__main__"), "__doc__", None) or "").strip()
     if main_doc:
         print(main_doc.splitlines()[0] + "\n")
     first = f"[{positional}]" if positional else "[config.py ...]"
     print(f"usage: python {os.path.basename(sys.argv[0])} {first} [--key=value | --key value | --flag ...]\n")
+    print_options(defaults, aliases)
+
+
+def print_options(defaults: dict, aliases: dict[str, str] | None = None) -> None:
+    """--help's list: each key with its default and, for Options, its explanation; then the aliases."""
     print("options (default):")
     width = max((len(k) for k in defaults), default=0) + 2
-    for key, default in defaults.items():
-        print(f"  --{key:<{width}} {default!r}")
+    explanations = getattr(defaults, "explanations", {})
+    shown = {key: repr(default) for key, default in defaults.items()}
+    value_width = min(max((len(v) for v in shown.values()), default=0), 16)  # a long default pushes only its line
+    for key, value in shown.items():
+        print(f"  --{key:<{width}} {value:<{value_width}}  {explanations.get(key, '')}".rstrip())
     if aliases:
         print("\naliases:")
         for alias, key in aliases.items():

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from configurator import UserError, exit_with_error, get_config
+from configurator import Options, UserError, exit_with_error, get_config
 from tokenizer import Tokenizer
 
 GRAM = 8  # window length of the index; the shortest min_copy it can answer
@@ -216,7 +216,10 @@ def copy_index_for(metadata: dict, source: str | Path, tok: Tokenizer) -> tuple[
 
 def main(argv: list[str] | None = None) -> None:
     """Build a dataset's index and time it; with --text, check a text against it."""
-    defaults = dict(dataset="hongloumeng", data_dir="data", text="", min_copy=DEFAULT_MIN_COPY)
+    defaults = Options(dataset=("hongloumeng", "the dataset whose training text is indexed"),
+                       data_dir=("data", "parent folder of the prepared datasets"),
+                       text=("", "a text to check against it, or FILE:path"),
+                       min_copy=(DEFAULT_MIN_COPY, "the shortest span reported, in characters"))
     try:
         config = get_config(defaults, argv)
         folder = Path(config["data_dir"]) / config["dataset"]

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from checkpoint import check_vocab, load_model, resolve_source
-from configurator import UserError, exit_with_error, get_config
+from configurator import Options, UserError, exit_with_error, get_config
 from dataset import open_dataset
 from quant import apply_quantization, check_quantize_mode
 from runtime import init_runtime
@@ -315,18 +315,18 @@ def loss_report(nats: float) -> str:
 
 # ------------------------------------------------------------------ command line
 
-DEFAULTS = dict(
-    out_dir="out",  # a run folder (its ckpt.pt), a .pt file, or a Hugging Face / GPT2-Chinese folder
-    init_from="",  # the same as out_dir, for a .pt file or a model folder; wins over out_dir
-    vocab="",  # vocab.txt for a model folder without one
-    dataset="",  # dataset under data_dir to score; default: the checkpoint's own
-    data_dir="",  # default: the checkpoint's own
-    text="",  # a UTF-8 text file to score instead of the dataset's val split
-    context=64,  # every character is scored with at least this many characters of context
-    baseline=False,  # also print the Kneser-Ney trigram and modified Kneser-Ney 5-gram of the dataset
-    device="auto",
-    dtype="float32",  # the scoring precision; float32 is exact, bfloat16 faster where the CPU computes it natively
-    quantize="none",  # int8: score the model with int8 weights, as sample.py --quantize=int8 decodes (CPU)
+DEFAULTS = Options(
+    out_dir=("out", "a run folder (its ckpt.pt), a .pt file, or a Hugging Face / GPT2-Chinese folder"),
+    init_from=("", "the same as out_dir, for a .pt file or a model folder; wins over out_dir"),
+    vocab=("", "vocab.txt for a model folder without one"),
+    dataset=("", "dataset under data_dir to score; default: the checkpoint's own"),
+    data_dir=("", "default: the checkpoint's own"),
+    text=("", "a UTF-8 text file to score instead of the dataset's val split"),
+    context=(64, "every character is scored with at least this many characters of context"),
+    baseline=(False, "also print the Kneser-Ney trigram and modified Kneser-Ney 5-gram of the dataset"),
+    device=("auto", "auto, cpu, cuda, cuda:1, mps"),
+    dtype=("float32", "the scoring precision; float32 is exact, bfloat16 faster where the CPU computes it natively"),
+    quantize=("none", "int8: score the model with int8 weights, as sample.py --quantize=int8 decodes (CPU)"),
 )
 
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 import sys
 
 from checkpoint import load_model, resolve_source
-from configurator import UserError, exit_with_error, get_config
+from configurator import Options, UserError, exit_with_error, get_config, print_options
 from hf import FORMATS, export_folder
 
-DEFAULTS = dict(
-    format="both",  # both (model.safetensors and pytorch_model.bin), bin or safetensors
-    vocab="",  # the vocab.txt of a source folder that has none
+DEFAULTS = Options(
+    format=("both", "both (model.safetensors and pytorch_model.bin), bin or safetensors"),
+    vocab=("", "the vocab.txt of a source folder that has none"),
 )
 USAGE = "usage: python export.py <out_dir, ckpt.pt or model folder> <new folder> [--format=both|bin|safetensors]"
 
@@ -43,7 +43,8 @@ def split_arguments(argv: list[str]) -> tuple[list[str], list[str]]:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "-h" in argv or "--help" in argv:
-        print(f"{__doc__.strip()}\n\n{USAGE}\noptions: --format (default both), --vocab (a source folder's vocab.txt)")
+        print(f"{__doc__.strip()}\n\n{USAGE}")
+        print_options(DEFAULTS)
         return
     try:
         bare, options = split_arguments(argv)

@@ -13,19 +13,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from configurator import UserError, exit_with_error, get_config
+from configurator import Options, UserError, exit_with_error, get_config
 from dataset import prepare
 from tokenizer import DEFAULT_VOCAB_SIZE
 
-DEFAULTS = dict(
-    source="",  # a .txt/.json file or a folder of .txt files (a bare argument); empty: the default corpus
-    name="",  # dataset name: the output goes to data_dir/<name>/ (default: the input's file name)
-    vocab="",  # a GPT2-Chinese/BERT vocab file, or a model folder (its vocab.txt), instead of building one
-    vocab_size=DEFAULT_VOCAB_SIZE,  # size of a built vocabulary
-    val_fraction=0.1,  # last part of each document for validation
-    block_size=512,  # context length the data must hold
-    data_dir="data",  # parent folder of the datasets
-    encoding="auto",  # the input's text encoding: auto (detected), or a Python codec name such as big5
+DEFAULTS = Options(
+    source=("", "a .txt/.json file or a folder of .txt files (a bare argument); empty: the default corpus"),
+    name=("", "dataset name: the output goes to data_dir/<name>/ (default: the input's file name)"),
+    vocab=("", "a GPT2-Chinese/BERT vocab file, or a model folder (its vocab.txt), instead of building one"),
+    vocab_size=(DEFAULT_VOCAB_SIZE, "size of a built vocabulary"),
+    val_fraction=(0.1, "last part of each document for validation"),
+    block_size=(512, "context length the data must hold"),
+    data_dir=("data", "parent folder of the datasets"),
+    encoding=("auto", "the input's text encoding: auto (detected), or a Python codec name such as big5"),
 )
 
 

@@ -25,7 +25,7 @@ from dataclasses import fields
 from typing import Callable, NamedTuple
 
 from checkpoint import load_model, resolve_source
-from configurator import UserError, exit_with_error, get_config
+from configurator import Options, UserError, exit_with_error, get_config
 from copycheck import CopyIndex, copy_index_for, copy_summary
 from engine import Engine, SamplingSettings
 from gpt2chinese import generate_command, generate_samples, save_samples_file
@@ -34,27 +34,27 @@ from runtime import init_runtime, use_decode_threads
 from tokenizer import Tokenizer
 
 TYPES = dict(compile=bool)  # keys whose default None means auto
-DEFAULTS = dict(
-    out_dir="out",  # the best checkpoint, out_dir/ckpt.pt, is used
-    init_from="",  # or a GPT2-Chinese / Hugging Face GPT-2 folder, or a .pt checkpoint file
-    vocab="",  # vocab.txt for an --init_from folder (defaults to the folder's vocab.txt)
-    start="[CLS]",  # the prompt, or FILE:path to read it from a file; [CLS] starts a new text
-    num_samples=1,  # generated together as one batch
-    max_new_tokens=500,  # characters per sample
-    temperature=1.0,  # 0 means always the most likely token
-    top_k=8,  # 0 = off; 8 is GPT2-Chinese's default, which our users' command relies on
-    top_p=1.0,  # nucleus sampling, in (0, 1]; 1 = off
-    repetition_penalty=1.0,  # > 1 makes tokens already in the text less likely
-    ignore_eos=False,  # keep going past a generated [CLS] (end of text)
-    seed=-1,  # -1 = a new random seed each run (printed, to repeat a run)
-    device="auto",  # auto, cpu, cuda, cuda:1, mps, or a GPU index such as 0 or 1
-    dtype="auto",  # auto, float32, bfloat16, float16
-    quantize="none",  # int8: int8 weights with per-channel scales; on a CPU 1.8x faster decoding than float32
-    compile=None,  # torch.compile the one-token decode step; None: auto (on for CUDA on Linux), or True/False
-    save_samples=False,  # also write the samples to a new file in save_samples_path
-    save_samples_path="samples",
-    interactive=False,  # continue each line typed in the terminal, until Ctrl-D
-    min_copy=12,  # report spans of this many characters copied verbatim from the training text; 0 = off
+DEFAULTS = Options(
+    out_dir=("out", "the best checkpoint, out_dir/ckpt.pt, is used"),
+    init_from=("", "or a GPT2-Chinese / Hugging Face GPT-2 folder, or a .pt checkpoint file"),
+    vocab=("", "vocab.txt for an --init_from folder (defaults to the folder's vocab.txt)"),
+    start=("[CLS]", "the prompt, or FILE:path to read it from a file; [CLS] starts a new text"),
+    num_samples=(1, "generated together as one batch"),
+    max_new_tokens=(500, "characters per sample"),
+    temperature=(1.0, "0 means always the most likely token"),
+    top_k=(8, "0 = off; 8 is GPT2-Chinese's default, which our users' command relies on"),
+    top_p=(1.0, "nucleus sampling, in (0, 1]; 1 = off"),
+    repetition_penalty=(1.0, "> 1 makes tokens already in the text less likely"),
+    ignore_eos=(False, "keep going past a generated [CLS] (end of text)"),
+    seed=(-1, "-1 = a new random seed each run (printed, to repeat a run)"),
+    device=("auto", "auto, cpu, cuda, cuda:1, mps, or a GPU index such as 0 or 1"),
+    dtype=("auto", "auto, float32, bfloat16, float16"),
+    quantize=("none", "int8: int8 weights with per-channel scales, for faster decoding on a CPU"),
+    compile=(None, "torch.compile the one-token decode step; None: auto (on for CUDA on Linux), or True/False"),
+    save_samples=(False, "also write the samples to a new file in save_samples_path"),
+    save_samples_path=("samples", "folder for --save_samples files"),
+    interactive=(False, "continue each line typed in the terminal, until Ctrl-D"),
+    min_copy=(12, "report spans of this many characters copied verbatim from the training text; 0 = off"),
 )
 # GPT2-Chinese generate.py's option names, so commands copied from its READMEs work unchanged
 ALIASES = dict(length="max_new_tokens", prefix="start", nsamples="num_samples", topk="top_k", topp="top_p",

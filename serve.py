@@ -42,7 +42,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
 from checkpoint import load_model, resolve_source
-from configurator import UserError, exit_with_error, get_config
+from configurator import Options, UserError, exit_with_error, get_config
 from copycheck import DEFAULT_MIN_COPY, GRAM, CopyIndex, copy_index_for, find_copies
 from engine import Engine, SamplingSettings
 from quant import apply_quantization, check_quantize_mode
@@ -55,30 +55,30 @@ KEEPALIVE_SECONDS = 5.0  # a waiting request sends a comment this often, so a va
 MAX_CANDIDATES = 4
 
 TYPES = dict(compile=bool)  # keys whose default None means auto
-DEFAULTS = dict(
-    out_dir="out",  # the best checkpoint, out_dir/ckpt.pt, is served
-    init_from="",  # or a GPT2-Chinese / Hugging Face GPT-2 folder, or a .pt checkpoint file
-    vocab="",  # vocab.txt for an --init_from folder (defaults to the folder's vocab.txt)
-    host="127.0.0.1",  # anything but a loopback address exposes the model to the network: at your own risk
-    port=8000,
+DEFAULTS = Options(
+    out_dir=("out", "the best checkpoint, out_dir/ckpt.pt, is served"),
+    init_from=("", "or a GPT2-Chinese / Hugging Face GPT-2 folder, or a .pt checkpoint file"),
+    vocab=("", "vocab.txt for an --init_from folder (defaults to the folder's vocab.txt)"),
+    host=("127.0.0.1", "anything but a loopback address exposes the model to the network: at your own risk"),
+    port=(8000, "0: any free port"),
     # the page's starting values; each request may change them within the limits below
-    num_samples=1,  # candidates written side by side, 1 to 4
-    max_new_tokens=200,  # characters per candidate
-    temperature=1.0,
-    top_k=8,  # 0 = off
-    top_p=1.0,  # 1 = off
-    repetition_penalty=1.0,
-    ignore_eos=False,  # keep going past a generated end of text
+    num_samples=(1, "candidates written side by side, 1 to 4"),
+    max_new_tokens=(200, "characters per candidate"),
+    temperature=(1.0, "0 means always the most likely token"),
+    top_k=(8, "0 = off"),
+    top_p=(1.0, "1 = off"),
+    repetition_penalty=(1.0, "> 1 makes tokens already in the text less likely"),
+    ignore_eos=(False, "keep going past a generated end of text"),
     # limits, enforced on the server
-    max_prompt_chars=20000,  # the longest story a request may send (the model reads its last block_size tokens)
-    max_tokens_limit=2000,  # the most characters a request may ask for per candidate
-    max_waiting=32,  # requests that may wait in the queue; more get 503
-    min_copy=DEFAULT_MIN_COPY,  # copy check: mark spans of at least this many characters found in the training text
-    copy_check=True,  # False: no copy check (no index is built)
-    device="auto",  # auto, cpu, cuda, cuda:1, mps, or a GPU index such as 0 or 1
-    dtype="auto",  # auto, float32, bfloat16, float16
-    quantize="none",  # int8: int8 weights with per-channel scales; on a CPU 1.8x faster decoding than float32
-    compile=None,  # torch.compile the one-token decode step; None: auto (on for CUDA on Linux)
+    max_prompt_chars=(20000, "the longest story a request may send (the model reads its last block_size tokens)"),
+    max_tokens_limit=(2000, "the most characters a request may ask for per candidate"),
+    max_waiting=(32, "requests that may wait in the queue; more get 503"),
+    min_copy=(DEFAULT_MIN_COPY, "copy check: mark spans of at least this many characters found in the training text"),
+    copy_check=(True, "False: no copy check (no index is built)"),
+    device=("auto", "auto, cpu, cuda, cuda:1, mps, or a GPU index such as 0 or 1"),
+    dtype=("auto", "auto, float32, bfloat16, float16"),
+    quantize=("none", "int8: int8 weights with per-channel scales, for faster decoding on a CPU"),
+    compile=(None, "torch.compile the one-token decode step; None: auto (on for CUDA on Linux)"),
 )
 ALIASES = dict(length="max_new_tokens", nsamples="num_samples", topk="top_k", topp="top_p",
                model_path="init_from", tokenizer_path="vocab")

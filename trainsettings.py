@@ -4,74 +4,70 @@ here too, so no script imports another.
 """
 from __future__ import annotations
 
-from configurator import UserError
+from configurator import Options, UserError
 from memory import TrainingShape
 from model import GPTConfig
 from optim import OptimizerSettings, Schedule
 
 TYPES = dict(compile=bool)  # keys whose default None means auto
-DEFAULTS = dict(
+DEFAULTS = Options(
     # data and output
-    dataset="hongloumeng",  # folder under data_dir written by prepare.py
-    data_dir="data",
-    out_dir="out",
-    init_from="scratch",  # 'scratch', 'resume' (out_dir/last.pt) or a GPT2-Chinese / HF GPT-2 model folder
-    overwrite=False,  # True: a new run may replace the trained model already in out_dir
+    dataset=("hongloumeng", "folder under data_dir written by prepare.py"),
+    data_dir=("data", "parent folder of the prepared datasets"),
+    out_dir=("out", "where ckpt.pt, last.pt, metrics.jsonl and loss.png go"),
+    init_from=("scratch", "'scratch', 'resume' (out_dir/last.pt) or a GPT2-Chinese / HF GPT-2 model folder"),
+    overwrite=(False, "True: a new run may replace the trained model already in out_dir"),
     # model (vocab_size comes from the dataset)
-    n_layer=10,
-    n_head=12,
-    n_embd=768,
-    block_size=512,
-    dropout=0.1,
-    bias=True,
-    # from scratch, the LM head trains only on the tokens the training text uses, plus one row the others share:
-    # 红楼梦 uses 4,343 of 13,317, and novel_cpu's step runs 1.8x faster. Off when fine-tuning a model folder,
-    # whose other rows hold what it learnt. The saved model is a plain GPT-2 either way.
-    used_vocab_head=True,
+    n_layer=(10, "transformer blocks"),
+    n_head=(12, "attention heads per block"),
+    n_embd=(768, "width of the residual stream"),
+    block_size=(512, "context length in tokens (characters)"),
+    dropout=(0.1, "dropout rate in training; 0 = off"),
+    bias=(True, "biases in Linear and LayerNorm, as in GPT-2 (a Hugging Face export needs them)"),
+    used_vocab_head=(True, "from scratch, the LM head trains on the tokens the text uses plus one shared row (faster)"),
     # batch: tokens per optimizer step = batch_size * block_size * gradient_accumulation_steps
-    batch_size=8,
-    gradient_accumulation_steps=4,  # in total, divided among the processes under torchrun
-    gpu_memory="",  # 'auto' (free GPU memory) or a size ('8GB'): the largest micro-batch that fits, same tokens/step
+    batch_size=(8, "rows of one micro-batch (per process)"),
+    gradient_accumulation_steps=(4, "in total, divided among the processes under torchrun"),
+    gpu_memory=("", "'auto' (free GPU memory) or a size ('8GB'): the largest micro-batch that fits, same tokens/step"),
     # length: max_iters if it is above 0, else epochs over the training tokens; with time_budget (seconds of
     # wall time, compiling and evaluations included) that is an upper bound, and the run plans its length to end
     # within the budget on this machine
-    max_iters=0,
-    epochs=15.0,
-    time_budget=0.0,
-    # optimizer: 'muon' (Muon for the blocks' weight matrices, AdamW at learning_rate for embeddings,
-    # biases and LayerNorm) or 'adamw' (AdamW for everything)
-    optimizer="muon",
-    muon_lr=0.02,
-    muon_momentum=0.95,
-    muon_weight_decay=0.0,
-    learning_rate=3e-4,  # AdamW's peak rate
+    max_iters=(0, "optimizer steps; 0: from epochs"),
+    epochs=(15.0, "passes over the training tokens when max_iters is 0"),
+    time_budget=(0.0, "seconds of wall time for the whole run; 0 = off"),
+    # optimizer
+    optimizer=("muon", "muon (Muon for the blocks' matrices, AdamW for the rest) or adamw"),
+    muon_lr=(0.02, "Muon's peak rate"),
+    muon_momentum=(0.95, "Muon's momentum"),
+    muon_weight_decay=(0.0, "Muon's weight decay"),
+    learning_rate=(3e-4, "AdamW's peak rate"),
     # schedule, the same curve for every rate: warm-up, then 'cosine' decay, or 'wsd' (stable, then a linear
     # decay over the last decay_frac of the run), down to min_lr_ratio of the peak
-    lr_schedule="wsd",
-    decay_frac=0.3,
-    min_lr_ratio=0.1,
-    warmup_iters=200,
-    decay_lr=True,
-    weight_decay=0.1,
-    beta1=0.9,
-    beta2=0.95,
-    grad_clip=1.0,
+    lr_schedule=("wsd", "wsd (warm-up, stable, linear decay) or cosine"),
+    decay_frac=(0.3, "wsd: the share of the run the decay takes"),
+    min_lr_ratio=(0.1, "the rate at the end, as a share of the peak"),
+    warmup_iters=(200, "iterations of linear warm-up"),
+    decay_lr=(True, "False: the peak rate throughout (after warm-up)"),
+    weight_decay=(0.1, "AdamW's, on matrices and embeddings only"),
+    beta1=(0.9, "AdamW's beta1"),
+    beta2=(0.95, "AdamW's beta2"),
+    grad_clip=(1.0, "clip the gradients' global norm to this; 0 = off"),
     # evaluation, logging, checkpoints
-    eval_interval=250,
-    eval_iters=40,
-    patience=0,  # evaluations without a better val loss before saying the model memorises the text; 0 = off
-    early_stop=False,  # with patience: stop training there (the best checkpoint is kept)
-    log_interval=10,
-    wandb_log=False,
-    wandb_project="novelgpt",
-    wandb_run_name="",  # empty: "<dataset>-<time>"
+    eval_interval=(250, "iterations between evaluations (and checkpoints)"),
+    eval_iters=(40, "batches per evaluation"),
+    patience=(0, "evaluations without a better val loss before saying the model memorises the text; 0 = off"),
+    early_stop=(False, "with patience: stop training there (the best checkpoint is kept)"),
+    log_interval=(10, "iterations between log lines"),
+    wandb_log=(False, "send the metrics to wandb too"),
+    wandb_project=("novelgpt", "wandb project name"),
+    wandb_run_name=("", "empty: '<dataset>-<time>'"),
     # system
-    device="auto",  # 'auto' (CUDA, else MPS, else CPU), 'cpu', 'cuda', 'cuda:1', 'mps'
-    dtype="auto",  # 'auto', 'float32', 'bfloat16', 'float16'
-    compile=None,  # None: auto (on for CUDA on Linux); True or False to force
-    peak_flops=0.0,  # the GPU's dense bf16 peak FLOP/s for MFU; 0: look it up by GPU name
-    seed=1337,
-    estimate_memory=False,  # print the memory this run needs (no GPU or dataset needed) and exit
+    device=("auto", "'auto' (CUDA, else MPS, else CPU), 'cpu', 'cuda', 'cuda:1', 'mps'"),
+    dtype=("auto", "'auto', 'float32', 'bfloat16', 'float16'"),
+    compile=(None, "None: auto (on for CUDA on Linux); True or False to force"),
+    peak_flops=(0.0, "the GPU's dense bf16 peak FLOP/s for MFU; 0: look it up by GPU name"),
+    seed=(1337, "seed of the weights and the data order"),
+    estimate_memory=(False, "print the memory this run needs (no GPU or dataset needed) and exit"),
 )
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")  # fixed once a model exists
 
