@@ -538,18 +538,7 @@ def save_samples_file(texts: list[str], folder: str) -> str:
 
 def stream_batch(engine: Engine, tok: Tokenizer, prompt_ids: list[int], settings: SamplingSettings, rows: int) -> Iterator[tuple[int, int]]:
     """(row, token id) for each new token of `rows` continuations of prompt_ids, generated as one batch."""
-    import torch
-
-    device = engine.model.lm_head.weight.device
-    idx = torch.as_tensor(prompt_ids, device=device).unsqueeze(0).repeat(rows, 1)  # (rows, T)
-    generator = torch.Generator(device=device)
-    if settings.seed is not None:
-        generator.manual_seed(settings.seed)
-    steps = engine.stream(idx, settings.max_new_tokens, temperature=settings.temperature,
-                          top_k=settings.top_k or None, top_p=settings.top_p if settings.top_p < 1 else None,
-                          repetition_penalty=settings.repetition_penalty,
-                          banned_ids=sorted({tok.unk_id, tok.pad_id}), generator=generator)
-    for step in steps:
+    for step in engine.stream_settings(tok, prompt_ids, settings, rows, stop_ids=()):  # theirs runs to --length
         for row, token in enumerate(step.tolist()):  # one transfer per step
             yield row, token
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from engine import Engine, SamplingSettings
-from model import GPTConfig
+from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
 ITOS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "甲", "乙", "丙", "丁", "戊", "己", "庚", "辛", "壬", "癸"]
@@ -23,10 +23,12 @@ class Successor(nn.Module):
         self.lm_head = nn.Linear(2, vocab_size, bias=False)
         self.transformer = nn.ModuleDict({"wte": nn.Embedding(vocab_size, 2)})
         self.positions: list[list[int]] = []
+        self.rows: list[int] = []  # the batch of each call
 
     def forward(self, idx: torch.Tensor, cache=None, pos: torch.Tensor | None = None):
         assert cache is not None and pos is not None and pos.numel() == idx.size(1)
         self.positions.append(pos.tolist())
+        self.rows.append(idx.size(0))
         V = self.config.vocab_size
         ids = torch.arange(V)
         logits = -((ids[None, None, :] - idx[:, :, None] - 1) % V).float()  # (B, T, V): 0 for t + 1, -1 for t + 2
@@ -95,3 +97,21 @@ def test_stream_text_decodes_each_row_and_ends_a_sample_at_end_of_text():
 def test_bad_prompts_and_settings_are_refused(call, message):
     with pytest.raises(ValueError, match=message):
         call(Engine(Successor()))
+
+
+def test_the_prompt_is_read_once_and_its_cache_copied_to_every_sample():
+    model = Successor(vocab_size=40, block_size=16)
+    steps = list(Engine(model).stream(torch.tensor([[1, 2, 3], [7, 8, 9]]), 4, temperature=0, copies=3))
+    assert model.rows[0] == 2 and model.positions[0] == [0, 1, 2]  # one pass over the two prompts
+    assert model.rows[1:] == [6, 6, 6]  # then each of the 6 rows steps on its own copy of the cache
+    assert [s.tolist() for s in steps] == [[4, 4, 4, 10, 10, 10], [5, 5, 5, 11, 11, 11], [6, 6, 6, 12, 12, 12],
+                                           [7, 7, 7, 13, 13, 13]]
+
+
+def test_copied_prompt_cache_gives_the_logits_of_reading_it_in_every_row():
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(block_size=16, vocab_size=len(ITOS), n_layer=2, n_head=2, n_embd=16))
+    prompt = torch.tensor([[5, 6, 7, 8]])
+    copied = torch.stack(list(Engine(gpt).stream(prompt, 6, temperature=0, copies=3)))
+    each = torch.stack(list(Engine(gpt).stream(prompt.repeat(3, 1), 6, temperature=0)))
+    assert torch.equal(copied, each)

@@ -149,7 +149,7 @@ def test_samples_are_one_batch(setup, monkeypatch):
     stream = model.stream
 
     def recording(idx, *args, **kwargs):
-        batch_sizes.append(idx.size(0))
+        batch_sizes.append(idx.size(0) * kwargs.get("copies", 1))  # the rows generated together
         return stream(idx, *args, **kwargs)
 
     monkeypatch.setattr(model, "stream", recording)
