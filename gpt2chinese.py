@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from configurator import UserError, get_config
+from engine import SamplingSettings
 from hf import check_export_target
 
 if TYPE_CHECKING:
-    from engine import Engine, SamplingSettings
+    from engine import Engine
     from tokenizer import Tokenizer
 
 SAMPLE_RULE = "=" * 90  # closes a sample in samples.txt
@@ -83,7 +84,7 @@ GENERATE_FLAGS = {
     "batch_size": Flag(int, 1, "samples generated together; nsamples are made in batches of this size"),
     "nsamples": Flag(int, 10, "--num_samples (their default 10)"),
     "temperature": Flag(float, 1.0, "--temperature"),
-    "topk": Flag(int, 8, "--top_k (0 = off)"),
+    "topk": Flag(int, SamplingSettings.__dataclass_fields__["top_k"].default, "--top_k (0 = off)"),
     "topp": Flag(float, 0.0, "--top_p; 0 (their default) or 1 = off"),
     "model_config": Flag(str, "config/model_config_small.json", "accepted, not needed: as in theirs, the model "
                          "folder's config.json is used"),

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from engine import SamplingSettings
 from files import swap_in_folder
 from model import GPT, GPTConfig
 from tokenizer import DOC_END, DOC_START, Tokenizer
@@ -25,7 +26,7 @@ EXPORT_FILES = ("config.json", "generation_config.json", "pytorch_model.bin", "m
                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # What a source folder says about its tokenizer that an export keeps (uer's tokenizer_class, for one)
 CARRIED_KEYS = ("tokenizer_class", "do_lower_case", "tokenize_chinese_chars", "strip_accents")
-TOP_K = 8  # GPT2-Chinese's default, written into generation_config.json
+TOP_K = SamplingSettings().top_k  # sample.py's default (GPT2-Chinese's), written into generation_config.json
 
 # Hugging Face's GPT-2 uses Conv1D layers, which store their weight transposed relative to nn.Linear
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

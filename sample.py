@@ -21,16 +21,13 @@ import itertools
 import random
 import sys
 import time
-from dataclasses import fields
 from typing import Callable, NamedTuple
 
-from checkpoint import load_model, resolve_source
 from configurator import Options, UserError, exit_with_error, get_config
-from copycheck import CopyIndex, copy_index_for, copy_summary
+from copycheck import CopyIndex, copy_summary
 from engine import Engine, SamplingSettings
-from gpt2chinese import generate_command, generate_samples, save_samples_file
-from quant import apply_quantization, check_quantize_mode
-from runtime import init_runtime, use_decode_threads
+from gpt2chinese import generate_command, generate_samples, header, save_samples_file
+from startup import load_generator
 from tokenizer import Tokenizer
 
 TYPES = dict(compile=bool)  # keys whose default None means auto
@@ -39,13 +36,7 @@ DEFAULTS = Options(
     init_from=("", "or a GPT2-Chinese / Hugging Face GPT-2 folder, or a .pt checkpoint file"),
     vocab=("", "vocab.txt for an --init_from folder (defaults to the folder's vocab.txt)"),
     start=("[CLS]", "the prompt, or FILE:path to read it from a file; [CLS] starts a new text"),
-    num_samples=(1, "generated together as one batch"),
-    max_new_tokens=(500, "characters per sample"),
-    temperature=(1.0, "0 means always the most likely token"),
-    top_k=(8, "0 = off; 8 is GPT2-Chinese's default, which our users' command relies on"),
-    top_p=(1.0, "nucleus sampling, in (0, 1]; 1 = off"),
-    repetition_penalty=(1.0, "> 1 makes tokens already in the text less likely"),
-    ignore_eos=(False, "keep going past a generated [CLS] (end of text)"),
+    **SamplingSettings.options(),
     seed=(-1, "-1 = a new random seed each run (printed, to repeat a run)"),
     device=("auto", "auto, cpu, cuda, cuda:1, mps, or a GPU index such as 0 or 1"),
     dtype=("auto", "auto, float32, bfloat16, float16"),
@@ -65,12 +56,6 @@ class Samples(NamedTuple):
     texts: list[str]  # prompt + continuation of each sample, exactly as streamed
     new_tokens: int  # tokens that went into the texts, over the whole batch
     seconds: float  # generation time, prompt included, model loading not
-
-
-def settings_from(config: dict, seed: int) -> SamplingSettings:
-    """The sampling settings among the command-line options."""
-    return SamplingSettings(**{f.name: config[f.name] for f in fields(SamplingSettings) if f.name != "seed"},
-                            seed=seed)
 
 
 # ------------------------------------------------------------------ generation
@@ -108,14 +93,9 @@ def sample(engine: Engine, tok: Tokenizer, prompt: str, settings: SamplingSettin
 
 # ------------------------------------------------------------------ output
 
-def sample_header(n: int) -> str:
-    """The line that opens sample n, as GPT2-Chinese's generate.py writes it."""
-    return f"{'=' * 40} SAMPLE {n} {'=' * 40}"
-
-
 def format_samples(texts: list[str]) -> str:
     """The samples in the layout of GPT2-Chinese's samples.txt."""
-    return "".join(f"{sample_header(n)}\n\n{text.strip()}\n\n{'=' * 90}\n\n" for n, text in enumerate(texts, 1))
+    return "".join(f"{header(n)}\n\n{text.strip()}\n\n{'=' * 90}\n\n" for n, text in enumerate(texts, 1))
 
 
 def save_samples(texts: list[str], folder: str) -> str:
@@ -154,11 +134,11 @@ def run_prompt(engine: Engine, tok: Tokenizer, prompt: str, config: dict, seed: 
     if note:
         print(note, file=sys.stderr)
     if config["num_samples"] > 1:
-        write(sample_header(1) + "\n\n")
-    result = sample(engine, tok, prompt, settings_from(config, seed), on_text=write)
+        write(header(1) + "\n\n")
+    result = sample(engine, tok, prompt, SamplingSettings.from_config(config, seed), on_text=write)
     write("\n")
     for n, text in enumerate(result.texts[1:], 2):
-        write(f"\n{sample_header(n)}\n\n{text}\n")
+        write(f"\n{header(n)}\n\n{text}\n")
     prompt_chars = len(tok.decode(tok.encode(prompt)).lstrip("\n"))
     continuations = [text[prompt_chars:] for text in result.texts]  # the copy check skips the user's own prompt
     report(result.new_tokens, result.seconds, seed, continuations, tok, index, config,
@@ -184,7 +164,8 @@ def run_gpt2chinese(engine: Engine, tok: Tokenizer, prompt: str, config: dict, s
                     batch_size: int) -> list[str]:
     """Generate as GPT2-Chinese's generate.py does: its console layout, its samples.txt, [CLS] a paragraph break."""
     t0 = time.perf_counter()
-    texts, new_ids = generate_samples(engine, tok, prompt, settings_from(config, seed), batch_size, write)
+    texts, new_ids = generate_samples(engine, tok, prompt, SamplingSettings.from_config(config, seed), batch_size,
+                                       write)
     report(sum(map(len, new_ids)), time.perf_counter() - t0, seed, [tok.decode(ids) for ids in new_ids], tok, index,
            config, lambda: save_samples_file(texts, config["save_samples_path"]))
     return texts
@@ -226,29 +207,20 @@ def main(argv: list[str] | None = None) -> None:
         chinese = generate_command(argv, DEFAULTS)  # GPT2-Chinese's generate.py flags, mapped onto ours
         config = get_config(DEFAULTS, chinese.argv if chinese else argv, ALIASES, types=TYPES)
         try:
-            settings_from(config, None).check()
+            SamplingSettings.from_config(config).check()
         except ValueError as e:
             raise UserError(f"--{e}") from None
         prompt = read_prompt(config["start"])
-        rt = init_runtime(config["device"], config["dtype"], config["compile"])
-        use_decode_threads(rt.device_type)  # fewer threads beside busy processes
-        check_quantize_mode(config["quantize"], str(rt.device))  # before the slow part
         default_out = not config["init_from"] and config["out_dir"] == DEFAULTS["out_dir"]
-        path = resolve_source(config["init_from"] or config["out_dir"], newest_fallback=default_out)
-        model, tok, metadata = load_model(path, config["vocab"], rt.device, rt.dtype)
-        model = apply_quantization(model, config["quantize"])
+        gen = load_generator(config["init_from"] or config["out_dir"], vocab=config["vocab"], device=config["device"],
+                             dtype=config["dtype"], compile=config["compile"], quantize=config["quantize"],
+                             newest_fallback=default_out, compile_note="the first tokens wait for it")
+        engine, tok = gen.engine, gen.tok
         if chinese and chinese.length_from_model:
-            config["max_new_tokens"] = model.config.block_size  # --length -1: the model's n_ctx
+            config["max_new_tokens"] = engine.model.config.block_size  # --length -1: the model's n_ctx
         if not config["interactive"] and len(tok.encode(prompt)) == 0:
             raise UserError('empty prompt; give some text with --start, or --start "[CLS]" to begin a new text')
-        index = None
-        if config["min_copy"] > 0:
-            index, note = copy_index_for(metadata, path, tok)
-            print(note, file=sys.stderr)
-        engine = Engine(model)
-        if rt.compile:
-            print("note: compiling the decode step; the first tokens wait for it", file=sys.stderr)
-            engine.compile()
+        index = gen.copy_index() if config["min_copy"] > 0 else None
         seed = config["seed"] if config["seed"] >= 0 else random.SystemRandom().randrange(2**31)
         if config["interactive"]:
             interactive_loop(engine, tok, config, seed, index)

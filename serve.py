@@ -29,9 +29,9 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator, Iterator, get_type_hints
 
 import torch
 import uvicorn
@@ -39,14 +39,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from checkpoint import load_model, resolve_source
 from configurator import Options, UserError, exit_with_error, get_config
-from copycheck import DEFAULT_MIN_COPY, GRAM, CopyIndex, copy_index_for, find_copies
+from copycheck import DEFAULT_MIN_COPY, GRAM, CopyIndex, find_copies
 from engine import Engine, SamplingSettings
-from quant import apply_quantization, check_quantize_mode
-from runtime import init_runtime, use_decode_threads
+from startup import load_generator
 from tokenizer import Tokenizer
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -62,13 +60,7 @@ DEFAULTS = Options(
     host=("127.0.0.1", "anything but a loopback address exposes the model to the network: at your own risk"),
     port=(8000, "0: any free port"),
     # the page's starting values; each request may change them within the limits below
-    num_samples=(1, "candidates written side by side, 1 to 4"),
-    max_new_tokens=(200, "characters per candidate"),
-    temperature=(1.0, "0 means always the most likely token"),
-    top_k=(8, "0 = off"),
-    top_p=(1.0, "1 = off"),
-    repetition_penalty=(1.0, "> 1 makes tokens already in the text less likely"),
-    ignore_eos=(False, "keep going past a generated end of text"),
+    **SamplingSettings.options(max_new_tokens=200),
     # limits, enforced on the server
     max_prompt_chars=(20000, "the longest story a request may send (the model reads its last block_size tokens)"),
     max_tokens_limit=(2000, "the most characters a request may ask for per candidate"),
@@ -206,21 +198,21 @@ class Scheduler:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
-def request_model(limits: Limits, vocab_size: int) -> type[BaseModel]:
-    """The body of /api/generate, its bounds taken from the server's limits."""
-
-    class GenerateRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        prompt: str = Field(min_length=1, max_length=limits.max_prompt_chars)
-        max_new_tokens: int = Field(200, ge=1, le=limits.max_new_tokens)
-        num_samples: int = Field(1, ge=1, le=MAX_CANDIDATES)
-        temperature: float = Field(1.0, ge=0, le=5)
-        top_k: int = Field(8, ge=0, le=vocab_size)
-        top_p: float = Field(1.0, gt=0, le=1)
-        repetition_penalty: float = Field(1.0, gt=0, le=10)
-        seed: int | None = Field(None, ge=0, le=2**63 - 1)
-
-    return GenerateRequest
+def request_model(limits: Limits, vocab_size: int, defaults: SamplingSettings) -> type[BaseModel]:
+    """The body of /api/generate: a prompt and SamplingSettings' options with their bounds, the server's limits
+    as the upper ones. ignore_eos is not in it: the server's --ignore_eos holds for every request."""
+    highs = {"max_new_tokens": limits.max_new_tokens, "num_samples": MAX_CANDIDATES, "top_k": vocab_size}
+    kinds = get_type_hints(SamplingSettings)
+    body: dict[str, tuple] = {"prompt": (str, Field(min_length=1, max_length=limits.max_prompt_chars))}
+    for f in fields(SamplingSettings):
+        if f.name == "ignore_eos":
+            continue
+        bounds = {("gt" if f.metadata["above"] else "ge"): f.metadata["low"]}
+        high = highs.get(f.name, f.metadata["high"] if f.metadata["high"] is not None else f.metadata["request_high"])
+        if high is not None:
+            bounds["le"] = high
+        body[f.name] = (kinds[f.name], Field(getattr(defaults, f.name), **bounds))
+    return create_model("GenerateRequest", __config__=ConfigDict(extra="forbid"), **body)
 
 
 class StopRequest(BaseModel):
@@ -260,7 +252,7 @@ def create_app(model: torch.nn.Module | Engine, tok: Tokenizer, *, name: str = "
     GET / (the page), GET /api/info, POST /api/generate (server-sent events), POST /api/stop."""
     engine = model if isinstance(model, Engine) else Engine(model)
     defaults = defaults or SamplingSettings(max_new_tokens=200)
-    GenerateRequest = request_model(limits, tok.vocab_size)
+    GenerateRequest = request_model(limits, tok.vocab_size, defaults)
     state: dict[str, Scheduler] = {}
 
     @asynccontextmanager
@@ -364,8 +356,7 @@ def check_config(config: dict) -> SamplingSettings:
                            ("max_new_tokens", 1, config["max_tokens_limit"])):
         if not low <= config[key] <= high:
             raise UserError(f"--{key} must be between {low} and {high}, got {config[key]}")
-    settings = SamplingSettings(**{k: config[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p",
-                                                           "repetition_penalty", "num_samples", "ignore_eos")})
+    settings = SamplingSettings.from_config(config)
     try:
         settings.check()
     except ValueError as e:
@@ -390,21 +381,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config = get_config(DEFAULTS, argv, ALIASES, types=TYPES)
         defaults = check_config(config)
-        rt = init_runtime(config["device"], config["dtype"], config["compile"])
-        use_decode_threads(rt.device_type)  # fewer threads beside busy processes
-        check_quantize_mode(config["quantize"], str(rt.device))  # before the slow part
         default_out = not config["init_from"] and config["out_dir"] == DEFAULTS["out_dir"]
-        path = resolve_source(config["init_from"] or config["out_dir"], newest_fallback=default_out)
-        model, tok, metadata = load_model(path, config["vocab"], rt.device, rt.dtype)
-        model = apply_quantization(model, config["quantize"])
-        engine = Engine(model)
-        if rt.compile:
-            print("note: compiling the decode step; the first request waits for it", file=sys.stderr)
-            engine.compile()
-        copy_index = None
-        if config["copy_check"]:
-            copy_index, note = copy_index_for(metadata, path, tok)
-            print(note, file=sys.stderr)
+        gen = load_generator(config["init_from"] or config["out_dir"], vocab=config["vocab"], device=config["device"],
+                             dtype=config["dtype"], compile=config["compile"], quantize=config["quantize"],
+                             newest_fallback=default_out, compile_note="the first request waits for it")
+        engine, tok, path = gen.engine, gen.tok, gen.path
+        copy_index = gen.copy_index() if config["copy_check"] else None
         loopback = is_loopback(config["host"])
         allowed = ["127.0.0.1", "localhost", "::1"] if loopback else None
         app = create_app(engine, tok, name=str(path), defaults=defaults, copy_index=copy_index,

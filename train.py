@@ -316,7 +316,8 @@ def setup_run(config: dict, rt: Runtime, stack: ExitStack) -> Run:
             step_model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
     tokens_per_iter = config["batch_size"] * config["gradient_accumulation_steps"] * config["block_size"]
     max_iters = config["max_iters"] or math.ceil(config["epochs"] * dataset.meta["train_tokens"] / tokens_per_iter)
-    run = Run(config, rt, dataset, out_dir, model, step_model, make_optimizers(model, optimizer_settings(config), rt.device_type),
+    optimizers = make_optimizers(model, optimizer_settings(config), rt.device_type)
+    run = Run(config, rt, dataset, out_dir, model, step_model, optimizers,
               torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16),
               torch.Generator().manual_seed(config["seed"]), MetricsLog(out_dir, config, rt, fresh=checkpoint is None),
               max_iters, tokens_per_iter, dataset.fingerprint())

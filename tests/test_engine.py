@@ -1,6 +1,8 @@
 """engine.py's decoding loop against a mock model whose next token is known: the prefill, the one-token steps
 through the cache, the window slide, stop and banned ids, and the text stream. No model is trained here."""
 
+from dataclasses import fields
+
 import pytest
 import torch
 from torch import nn
@@ -115,3 +117,19 @@ def test_copied_prompt_cache_gives_the_logits_of_reading_it_in_every_row():
     copied = torch.stack(list(Engine(gpt).stream(prompt, 6, temperature=0, copies=3)))
     each = torch.stack(list(Engine(gpt).stream(prompt.repeat(3, 1), 6, temperature=0)))
     assert torch.equal(copied, each)
+
+
+def test_every_sampling_option_is_an_option_of_sample_py_serve_py_and_the_request():
+    import gpt2chinese
+    import hf
+    import sample
+    import serve
+    names = {f.name for f in fields(SamplingSettings)} - {"seed"}  # each script has its own seed option
+    assert names <= set(sample.DEFAULTS) and names <= set(serve.DEFAULTS)
+    for name in names:
+        assert sample.DEFAULTS.explanations[name] == serve.DEFAULTS.explanations[name]
+    body = serve.request_model(serve.Limits(), 100, SamplingSettings()).model_fields
+    assert set(body) == {"prompt", "seed"} | names - {"ignore_eos"}  # the server's --ignore_eos holds for all
+    top_k = SamplingSettings().top_k
+    assert sample.DEFAULTS["top_k"] == serve.DEFAULTS["top_k"] == gpt2chinese.GENERATE_FLAGS["topk"].default == top_k
+    assert hf.generation_config_dict(Tokenizer(ITOS))["top_k"] == top_k

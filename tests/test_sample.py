@@ -20,7 +20,8 @@ from conftest import ENV, gpt2_chinese_folder
 from engine import Engine, SamplingSettings
 from model import GPT, GPTConfig
 from runtime import pick_dtype
-from sample import format_samples, sample, sample_header, save_samples
+from gpt2chinese import header as sample_header
+from sample import format_samples, sample, save_samples
 from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
