@@ -12,7 +12,6 @@ Timings on a shared machine are noisy: run it on an idle one for figures to quot
 """
 
 import gc
-import json
 import math
 import os
 import subprocess
@@ -27,6 +26,7 @@ import torch
 
 from engine import Engine
 from configurator import UserError
+from dataset import load_meta, vocab_size_of
 from model import GPT, GPTConfig
 from quant import quantize_int8
 from runtime import Runtime, cpu_has_bf16, init_runtime, peak_flops_for
@@ -246,7 +246,7 @@ def bench_decode_busy(prompt_len: int, new_tokens: int) -> None:
 def bench_tokenize(argv: list[str]) -> None:
     """Tokenizing rate on a synthetic 7.65M-character novel (our users' corpus size), and all of prepare.py."""
     import tempfile
-    from dataset import count_characters, prepare
+    from preparing import count_characters, prepare
     from tokenizer import Tokenizer, common_characters
     rng = np.random.default_rng(0)
     hanzi = [c for c in common_characters() if "\u4e00" <= c <= "\u9fff"][:3000]
@@ -409,7 +409,6 @@ def bench_gpu(argv: list[str]) -> int:
         print("bench.py gpu: needs a CUDA GPU (torch.cuda.is_available() is False here)", file=sys.stderr)
         return 2
     from configurator import get_config
-    import memory
     if all(arg.startswith("--") for arg in argv):  # no config file given: our users' model
         argv = [str(Path(__file__).resolve().parent / "config" / "novel_small.py"), *argv]
     options = DEFAULTS.with_more(iters=(300, "timed steps"), warmup_steps=(10, "untimed steps before them"),
@@ -422,9 +421,9 @@ def bench_gpu(argv: list[str]) -> int:
     except UserError as e:
         print(f"bench.py gpu: {e}", file=sys.stderr)
         return 2
-    config["vocab_size"] = memory.vocab_size_of(Path(config["data_dir"]) / config["dataset"])
-    meta_path = Path(config["data_dir"]) / config["dataset"] / "meta.json"
-    train_tokens = json.loads(meta_path.read_text(encoding="utf-8"))["train_tokens"] if meta_path.exists() else 0
+    folder = Path(config["data_dir"]) / config["dataset"]
+    config["vocab_size"] = vocab_size_of(folder)
+    train_tokens = load_meta(folder)["train_tokens"] if (folder / "meta.json").exists() else 0
     generator = torch.Generator(device=rt.device).manual_seed(0)
 
     def batches(rows: int) -> tuple[torch.Tensor, torch.Tensor]:  # random tokens: the speed does not depend on them

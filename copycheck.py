@@ -13,7 +13,6 @@ place it occurs, so the spans found are exact: a hash collision can cost time, n
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from configurator import Options, UserError, exit_with_error, get_config
+from dataset import load_meta
 from tokenizer import Tokenizer
 
 GRAM = 8  # window length of the index; the shortest min_copy it can answer
@@ -79,7 +79,7 @@ def build_index(train: np.ndarray, folder: Path = Path(".")) -> CopyIndex:
 def _dataset_tokens(folder: Path) -> np.ndarray:
     """train.bin of a prepared dataset folder, memory-mapped with the dtype its meta.json names."""
     try:
-        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        meta = load_meta(folder)
         return np.memmap(folder / "train.bin", dtype=np.dtype(meta.get("dtype", "uint16")), mode="r")
     except FileNotFoundError as e:
         raise UserError(f"{folder} is not a prepared dataset ({Path(e.filename).name} is missing); "
@@ -202,7 +202,7 @@ def copy_index_for(metadata: dict, source: str | Path, tok: Tokenizer) -> tuple[
     if folder is None:
         return None, f"copy check off: {source} does not name the dataset it was trained on"
     try:
-        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        meta = load_meta(folder)
     except (OSError, ValueError):
         return None, f"copy check off: the training data, {folder}, is not here (run from the folder you trained in)"
     if meta.get("itos") != tok.itos:
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
                     text = Path(text[5:]).read_text(encoding="utf-8")
                 except (OSError, UnicodeDecodeError) as e:
                     raise UserError(f"cannot read {text[5:]} as UTF-8 text: {e}") from None
-            meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+            meta = load_meta(folder)
             print(copy_summary(text, Tokenizer.from_meta(meta), index, config["min_copy"]))
     except UserError as e:
         exit_with_error(e)

@@ -24,6 +24,7 @@ import torch
 from checkpoint import check_vocab, load_model, resolve_source
 from configurator import Options, UserError, exit_with_error, get_config
 from dataset import open_dataset
+from preparing import prepare_default_corpus
 from quant import apply_quantization, check_quantize_mode
 from runtime import init_runtime
 
@@ -342,6 +343,8 @@ def evaluate(config: dict) -> dict[str, float]:
     name = config["dataset"] or trained_on.get("dataset", "")
     data_dir = config["data_dir"] or trained_on.get("data_dir", "data")
     results = {}
+    if name and (config["baseline"] or not config["text"]):
+        prepare_default_corpus(data_dir, name)  # when it is the one asked for and missing
     if config["text"]:
         try:
             text = Path(config["text"]).read_text(encoding="utf-8")

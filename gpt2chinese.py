@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from configurator import UserError, get_config
+from dataset import load_meta
 from engine import SamplingSettings
 from hf import check_export_target
 
@@ -225,8 +226,8 @@ def article_filter(min_length: int) -> Callable[[str], bool]:
 
 
 def prepare_raw(raw_data_path: str, vocab: str, block_size: int, min_length: int) -> dict:
-    """Prepare their train.json as a dataset (dataset.py's prepare with their vocabulary); returns its meta."""
-    from dataset import prepare, read_documents
+    """Prepare their train.json as a dataset (preparing.py's prepare with their vocabulary); returns its meta."""
+    from preparing import prepare, read_documents
 
     if not Path(raw_data_path).is_file():
         raise UserError(f"--raw_data_path {raw_data_path} does not exist; give the train.json to prepare")
@@ -252,7 +253,7 @@ def prepared_meta(raw_data_path: str, vocab: str) -> dict:
     data_dir, name = dataset_location(raw_data_path)
     folder = Path(data_dir) / name
     try:
-        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        meta = load_meta(folder)
     except (OSError, ValueError):
         raise UserError(f"no prepared data at {folder}/: add --raw to prepare {raw_data_path} first") from None
     if vocab:

@@ -12,11 +12,9 @@ to the byte in eager mode for the flash and math attention paths, float32 and bf
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -25,7 +23,6 @@ from configurator import UserError
 from model import GPT, GPTConfig
 from optim import muon_matrices
 from runtime import Runtime, pick_compile, pick_dtype
-from tokenizer import DEFAULT_VOCAB_SIZE
 
 GB = 2**30  # the project's "GB" (logs, --gpu_memory) is 2**30 bytes, as GPU cards are sized
 CUDA_CONTEXT = 500 * 2**20  # CUDA context, cuBLAS workspace and loaded kernels: 300-500 MB, unseen by the allocator
@@ -238,15 +235,6 @@ def with_micro_batch(shape: TrainingShape, micro: int, world_size: int = 1) -> T
     """shape with batch_size = micro and the accumulation that keeps batch_size x accumulation as it was."""
     rows = rows_per_process(shape, world_size)
     return dataclasses.replace(shape, batch_size=micro, gradient_accumulation_steps=rows // micro * world_size)
-
-
-def vocab_size_of(folder: str | Path) -> int:
-    """The vocabulary size in a prepared dataset's meta.json, without reading the tokens; the default if absent."""
-    try:
-        meta = json.loads((Path(folder) / "meta.json").read_text(encoding="utf-8"))
-        return int(meta.get("vocab_size") or len(meta["itos"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        return DEFAULT_VOCAB_SIZE
 
 
 # ------------------------------------------------------------------ measuring (calibration and tests)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from configurator import Options, UserError, exit_with_error, get_config
-from dataset import prepare
+from preparing import prepare
 from tokenizer import DEFAULT_VOCAB_SIZE
 
 DEFAULTS = Options(

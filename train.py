@@ -25,13 +25,14 @@ import torch
 
 from checkpoint import check_vocab, checkpoint_state, fine_tune_vocab, model_from_checkpoint, read_checkpoint
 from configurator import UserError, exit_with_error, get_config
-from dataset import Dataset, open_dataset
+from dataset import Dataset, open_dataset, vocab_size_of
 from files import FolderLock, atomic_torch_save, remove_stale_temps
 from gpt2chinese import train_command
 from hf import load_hf_gpt2
-from memory import estimate_report, plan_memory, vocab_size_of
+from memory import estimate_report, plan_memory
 from model import GPT
 from optim import decay_start, lr_factor, make_optimizers, set_lr, train_step
+from preparing import prepare_default_corpus
 from runtime import Runtime, init_runtime, peak_flops_for
 from trainsettings import (DEFAULTS, SHAPE_KEYS, TYPES, check_config, gpt_config, optimizer_settings, schedule,
                            training_shape)
@@ -294,6 +295,8 @@ def setup_run(config: dict, rt: Runtime, stack: ExitStack) -> Run:
     out_dir = claim_out_dir(config, rt, stack)
     if rt.ddp and not rt.master:
         torch.distributed.barrier()  # rank 0 prepares the default corpus if it is missing
+    if rt.master:
+        prepare_default_corpus(config["data_dir"], config["dataset"])
     dataset = open_dataset(config["data_dir"], config["dataset"], config["block_size"])
     if rt.ddp and rt.master:
         torch.distributed.barrier()

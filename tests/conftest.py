@@ -19,7 +19,7 @@ import uvicorn
 
 from checkpoint import checkpoint_state
 from copycheck import load_copy_index
-from dataset import prepare
+from preparing import prepare
 from hf import export_folder
 from model import GPT, GPTConfig
 from serve import create_app

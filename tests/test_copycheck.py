@@ -15,7 +15,7 @@ from configurator import UserError
 from copycheck import (CACHE_PREFIX, GRAM, build_index, cache_path, copy_index_for, copy_summary, find_copies,
                        load_copy_index)
 from model import GPT, GPTConfig
-from dataset import prepare
+from preparing import prepare
 from tokenizer import Tokenizer
 
 SUBJECTS = ["宝玉", "黛玉", "凤姐", "袭人", "老太太", "贾母", "探春", "湘云", "平儿", "晴雯"]

@@ -12,7 +12,7 @@ import evaluate
 from evaluate import (kneser_ney_trigram, kneser_ney_trigram_loss, loss_report, modified_kneser_ney,
                       modified_kneser_ney_loss, whole_split_loss)
 from model import GPT, GPTConfig
-from dataset import prepare
+from preparing import prepare
 
 
 def skewed_ids(rng: np.random.Generator, vocab: int, n: int) -> np.ndarray:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import dataset
+import preparing
 import export
 import train
 from checkpoint import load_model
@@ -64,7 +64,7 @@ def fine_tuned(request, tmp_path_factory):
         transformers_folder(folder, len(lines), tokenizer_class="BertTokenizer")  # as uer's hub folders say
         write_lines(folder / "vocab.txt", lines)
     (root / "novel.txt").write_text(TEXT, encoding="utf-8")
-    dataset.prepare(str(root / "novel.txt"), "novel", vocab=str(folder / "vocab.txt"), block_size=32,
+    preparing.prepare(str(root / "novel.txt"), "novel", vocab=str(folder / "vocab.txt"), block_size=32,
                     data_dir=str(root / "data"))
     config = dict(train.DEFAULTS, dataset="novel", data_dir=str(root / "data"), out_dir=str(root / "out"),
                   init_from=str(folder), block_size=32, batch_size=2, gradient_accumulation_steps=1, max_iters=3,

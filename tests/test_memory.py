@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import bench
-import dataset
+import preparing
 import memory
 import train
 from configurator import UserError
@@ -103,7 +103,7 @@ def data_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
     lines = [f"宝玉笑道：“今日第{k % 10}回，黛玉来了。”" for k in range(600)]
     (root / "tiny.txt").write_text("\n".join(lines), encoding="utf-8")
-    dataset.prepare(str(root / "tiny.txt"), "tiny", vocab_size=600, block_size=32, data_dir=str(root))
+    preparing.prepare(str(root / "tiny.txt"), "tiny", vocab_size=600, block_size=32, data_dir=str(root))
     return root
 
 

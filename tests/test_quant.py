@@ -16,7 +16,8 @@ import sample as sample_py
 import serve as serve_py
 from checkpoint import load_model
 from configurator import UserError
-from dataset import open_dataset, prepare
+from dataset import open_dataset
+from preparing import prepare
 from engine import Engine
 from evaluate import whole_split_loss
 from model import GPT, GPTConfig

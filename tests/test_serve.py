@@ -15,7 +15,6 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from checkpoint import load_model
 from conftest import CYCLE, ENV, PROMPT, ROOT, TinyRun, make_app, running_server
 from engine import Engine, SamplingSettings
 from serve import Limits, is_loopback

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import dataset
+import preparing
 import train
 from configurator import UserError, get_config
 from conftest import gpt2_chinese_folder
@@ -37,7 +38,7 @@ def corpus_text(n: int = 900) -> str:
 def data_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
     (root / "tiny.txt").write_text(corpus_text(), encoding="utf-8")
-    dataset.prepare(str(root / "tiny.txt"), "tiny", vocab_size=120, block_size=32, data_dir=str(root))
+    preparing.prepare(str(root / "tiny.txt"), "tiny", vocab_size=120, block_size=32, data_dir=str(root))
     return root
 
 

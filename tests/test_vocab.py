@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import dataset
+import preparing
 import train
 from checkpoint import load_model
 from configurator import UserError
@@ -91,7 +91,7 @@ def test_our_character_vocabulary_keeps_every_character():
 
 def test_fingerprint_is_in_meta_json_and_in_checkpoints(tmp_path):
     (tmp_path / "novel.txt").write_text(PARAGRAPH * 40, encoding="utf-8")
-    meta = dataset.prepare(str(tmp_path / "novel.txt"), "novel", vocab_size=300, block_size=16,
+    meta = preparing.prepare(str(tmp_path / "novel.txt"), "novel", vocab_size=300, block_size=16,
                            data_dir=str(tmp_path / "data"))
     on_disk = json.loads((tmp_path / "data" / "novel" / "meta.json").read_text(encoding="utf-8"))
     tok = Tokenizer.from_meta(on_disk)
@@ -117,7 +117,7 @@ def two_datasets(tmp_path_factory):
     (root / "a.txt").write_text(PARAGRAPH * 40, encoding="utf-8")
     (root / "b.txt").write_text(("黛玉叹道：“罢了。”\n" + PARAGRAPH) * 40, encoding="utf-8")
     for name in ("a", "b"):
-        dataset.prepare(str(root / f"{name}.txt"), name, block_size=16, data_dir=str(root / "data"))
+        preparing.prepare(str(root / f"{name}.txt"), name, block_size=16, data_dir=str(root / "data"))
     config = tiny_config(root, "a", root / "run")
     train.train(config)
     return root
@@ -185,7 +185,7 @@ def test_uer_folder_wraps_documents_in_cls_and_sep_and_ends_on_sep(tmp_path):
     (folder / "config.json").write_text(json.dumps(dict(config, tokenizer_class="BertTokenizer", eos_token_id=50256)))
     write_lines(folder / "vocab.txt", lines)
     (tmp_path / "n.txt").write_text(PARAGRAPH * 10, encoding="utf-8")
-    meta = dataset.prepare(str(tmp_path / "n.txt"), "n", vocab=str(folder / "vocab.txt"), block_size=16,
+    meta = preparing.prepare(str(tmp_path / "n.txt"), "n", vocab=str(folder / "vocab.txt"), block_size=16,
                            data_dir=str(tmp_path / "data"))
     assert (meta["doc_start"], meta["doc_end"]) == ("[CLS]", "[SEP]")
     assert meta["hf_metadata"] == {"tokenizer_class": "BertTokenizer"}
