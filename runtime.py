@@ -83,7 +83,7 @@ def decode_threads() -> int:
     """Threads for decoding on a CPU: the cores other processes leave idle, at least 1; OMP_NUM_THREADS wins.
 
     A decode step is about a hundred small parallel products; when one of their threads shares a core with
-    a busy process, every product waits for it to be scheduled (2.2 instead of 149 tokens/s on 2 cores)."""
+    a busy process, every product waits for it to be scheduled, and decoding nearly stops."""
     if "OMP_NUM_THREADS" in os.environ:
         return torch.get_num_threads()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
