@@ -31,6 +31,24 @@ RENAME_EXCHANGE = 2  # renameat2 flag (Linux >= 3.15): swap two paths in one ste
 AT_FDCWD = -100
 
 
+# the longest name a folder or file we write may have: the usual file-system limit (255 bytes) less the room
+# that the temporary names around it add (`.tmp-<name>-<pid>`, `.<name>.<pid>.tmp`)
+MAX_NAME_BYTES = 255 - 32
+
+
+def check_path_names(path: str | Path, option: str) -> Path:
+    """Refuse, in one line, a path that the file system would refuse: a NUL byte, or a part too long."""
+    text = str(path)
+    if "\x00" in text:
+        raise UserError(f"{option} holds a NUL byte, which no file name can; give a plain path")
+    for part in Path(text).parts:
+        size = len(os.fsencode(part))
+        if size > MAX_NAME_BYTES:
+            raise UserError(f"{option}: the name {part[:40]}... is {size} bytes long; file systems take at most 255 "
+                            f"(and the temporary names beside it need room): use a name of at most {MAX_NAME_BYTES} bytes")
+    return Path(text)
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process with this PID exists (one of another user counts as alive)."""
     if pid <= 0:

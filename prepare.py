@@ -26,6 +26,7 @@ DEFAULTS = dict(
     block_size=512,  # context length the data must hold
     data_dir="data",  # parent folder of the datasets
     encoding="auto",  # the input's text encoding: auto (detected), or a Python codec name such as big5
+    errors="strict",  # replace: go on past bytes that do not decode (each becomes U+FFFD) instead of stopping
 )
 
 

@@ -11,8 +11,10 @@ resume), out_dir/metrics.jsonl and out_dir/loss.png.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import math
+import shlex
 import os
 import signal
 import sys
@@ -20,19 +22,21 @@ import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from checkpoint import check_vocab, checkpoint_state, fine_tune_vocab, model_from_checkpoint, read_checkpoint
+from checkpoint import (check_vocab, checkpoint_state, fine_tune_vocab, model_from_checkpoint, read_checkpoint,
+                        resolve_source)
 from configurator import UserError, exit_with_error, get_config
 from dataset import Dataset, open_dataset
-from files import FolderLock, atomic_torch_save, remove_stale_temps
+from files import FolderLock, atomic_torch_save, check_path_names, remove_stale_temps, temp_path
 from gpt2chinese import train_command
 from hf import load_hf_gpt2
 from memory import estimate_report, plan_memory
 from model import GPT, GPTConfig, peak_flops_for
 from optim import decay_start, lr_factor, make_optimizers, set_lr, train_step
-from runtime import Runtime, init_runtime
+from runtime import Runtime, init_runtime, out_of_memory
 
 TYPES = dict(compile=bool)  # keys whose default None means auto
 DEFAULTS = dict(
@@ -131,6 +135,9 @@ def check_config(config: dict) -> None:
     for key in ("dataset", "out_dir", "data_dir"):
         if not config[key]:
             raise UserError(f"--{key} must not be empty")
+        check_path_names(config[key], f"--{key}")
+    if config["seed"] < 0 or config["seed"] >= 2**63:
+        raise UserError(f"--seed must be in 0..2**63-1, got {config['seed']}")
 
 
 # ------------------------------------------------------------------ the model and its optimizer
@@ -141,15 +148,37 @@ def new_model(config: dict, dataset: Dataset) -> GPT:
         return GPT(GPTConfig(block_size=config["block_size"], vocab_size=dataset.tokenizer.vocab_size,
                              n_layer=config["n_layer"], n_head=config["n_head"], n_embd=config["n_embd"],
                              dropout=config["dropout"], bias=config["bias"]))
+    source = config["init_from"]
+    if not os.path.exists(source):
+        close = difflib.get_close_matches(source, ["scratch", "resume"], n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else " (give scratch, resume, a model folder or a .pt file)"
+        raise UserError(f"--init_from {source} does not exist{hint}")
+    if not os.path.isfile(os.path.join(source, "config.json")):
+        return checkpoint_model(config, dataset, resolve_source(source))
     try:
-        model = load_hf_gpt2(config["init_from"], dropout=config["dropout"])
+        model = load_hf_gpt2(source, dropout=config["dropout"])
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot fine-tune from {config['init_from']}: {e}") from None
+        raise UserError(f"cannot fine-tune from {source}: {e}") from None
     # the checkpoints carry the folder's tokenizer metadata on; a vocabulary that is not the model's is refused
     dataset.tokenizer = fine_tune_vocab(config["init_from"], dataset, config.get("vocab", ""))
     if model.config.vocab_size != dataset.tokenizer.vocab_size:
         raise UserError(f"{config['init_from']} has {model.config.vocab_size} tokens but dataset {dataset.folder} "
                         f"has {dataset.tokenizer.vocab_size}; prepare it with --vocab <the model's vocab.txt>")
+    if config["block_size"] > model.config.block_size:
+        raise UserError(f"block_size {config['block_size']} is longer than the model's "
+                        f"{model.config.block_size} positions; use --block_size={model.config.block_size}")
+    return model
+
+
+def checkpoint_model(config: dict, dataset: Dataset, path: str) -> GPT:
+    """The weights of a .pt checkpoint (or a run folder's ckpt.pt) to fine-tune: a new run, its own optimizer."""
+    checkpoint = read_checkpoint(path)
+    checkpoint["model_args"] = dict(checkpoint["model_args"], dropout=config["dropout"])  # the run's setting
+    model, tok = model_from_checkpoint(checkpoint, path)
+    check_vocab(tok, path, dataset.tokenizer, str(dataset.folder), "train it on its own dataset "
+                f"(--dataset={checkpoint.get('config', {}).get('dataset')}), or export it with export.py and prepare "
+                "the text with --vocab <the export's vocab.txt>")
+    dataset.tokenizer = tok  # the same tokens; the checkpoint's own metadata goes on
     if config["block_size"] > model.config.block_size:
         raise UserError(f"block_size {config['block_size']} is longer than the model's "
                         f"{model.config.block_size} positions; use --block_size={model.config.block_size}")
@@ -186,8 +215,10 @@ def resumed_model(config: dict, dataset: Dataset) -> tuple[GPT, dict]:
 # ------------------------------------------------------------------ one step, one evaluation
 
 @torch.no_grad()
-def estimate_loss(model: GPT, dataset: Dataset, config: dict, rt: Runtime) -> dict[str, float]:
-    """Mean loss over eval_iters batches per split; the same batches every time, so evals compare."""
+def estimate_loss(model: GPT, dataset: Dataset, config: dict, rt: Runtime,
+                  stopping: Callable[[], bool] = lambda: False) -> dict[str, float] | None:
+    """Mean loss over eval_iters batches per split; the same batches every time, so evals compare.
+    None when `stopping` says so before a batch (Ctrl-C or SIGTERM): a long evaluation stops within one batch."""
     model.tie_unused_rows()  # evaluation runs the whole head
     model.eval()
     losses = {}
@@ -195,6 +226,9 @@ def estimate_loss(model: GPT, dataset: Dataset, config: dict, rt: Runtime) -> di
         generator = torch.Generator().manual_seed(config["seed"])
         total = 0.0
         for _ in range(config["eval_iters"]):
+            if stopping():
+                model.train()
+                return None
             x, y = dataset.get_batch(split, config["batch_size"], config["block_size"], generator, rt.device)
             with rt.autocast():
                 _, loss = model(x, y)
@@ -213,8 +247,11 @@ class MetricsLog:
         self.path = out_dir / "metrics.jsonl" if rt.master else None
         self.run = None
         self.start = time.monotonic()  # each record's "seconds": wall time of this process, compiling included
-        if self.path and fresh:
-            self.path.unlink(missing_ok=True)  # a new run's curves must not mix with an old one's
+        # A new run's curves must not mix with an old one's, but the old ones stay until this run has saved a
+        # checkpoint to replace that run's model with: until then the records go to a temporary file.
+        self.pending = temp_path(self.path) if self.path and fresh else None
+        if self.pending:
+            self.pending.unlink(missing_ok=True)
         if self.path and config["wandb_log"]:
             import wandb
             mode = wandb_mode()
@@ -228,13 +265,24 @@ class MetricsLog:
     def log(self, record: dict) -> None:
         record = dict(record, seconds=round(time.monotonic() - self.start, 1))
         if self.path:
-            with open(self.path, "a", encoding="utf-8") as f:
+            with open(self.pending or self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
         if self.run is not None:
             self.run.log(record, step=record["iter"])
 
+    def saved(self) -> None:
+        """A checkpoint of this run is on disk: its records replace the previous run's metrics.jsonl now."""
+        if self.pending:
+            if self.pending.exists():
+                os.replace(self.pending, self.path)
+            else:
+                self.path.unlink(missing_ok=True)
+            self.pending = None
+
     def close(self) -> None:
-        if self.path and self.path.exists():
+        if self.pending:  # nothing was saved: the previous run's metrics.jsonl and loss.png stay as they were
+            self.pending.unlink(missing_ok=True)
+        elif self.path and self.path.exists():
             plot_losses(self.path)
         if self.run is not None:
             self.run.finish()
@@ -279,12 +327,13 @@ class StopRequest:
 
     def __init__(self, master: bool):
         self.requested, self.master = False, master
+        self.signal = signal.SIGINT  # the first one received: the exit status says which (130 or 143)
         self.old = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def handle(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signal = True, signal.Signals(signum)
         if self.master:
             print(f"\n{signal.Signals(signum).name}: finishing this step, then saving (Ctrl-C again to quit now)")
 
@@ -396,6 +445,10 @@ def setup_run(config: dict, rt: Runtime, stack: ExitStack) -> Run:
     dataset = open_dataset(config["data_dir"], config["dataset"], config["block_size"])
     if rt.ddp and rt.master:
         torch.distributed.barrier()
+    data, out = dataset.folder.resolve(), out_dir.resolve()
+    if out == data or data in out.parents:
+        raise UserError(f"--out_dir {out_dir} and the dataset folder {dataset.folder} overlap; prepare.py owns the "
+                        f"dataset folder, so write the run elsewhere: --out_dir=out-{config['dataset']}")
     if rt.master:
         stack.enter_context(FolderLock(dataset.folder, "training", shared=True))
     if (config["batch_size"] * config["gradient_accumulation_steps"]) % rt.world_size:
@@ -435,14 +488,18 @@ def setup_run(config: dict, rt: Runtime, stack: ExitStack) -> Run:
 def save(run: Run, name: str, full: bool) -> None:
     if run.rt.master:
         atomic_torch_save(run.state(full), run.out_dir / name)
+        run.log.saved()
 
 
-def evaluate_and_save(run: Run) -> dict[str, float]:
-    """Estimate the losses, log them, keep the best checkpoint and the latest training state."""
+def evaluate_and_save(run: Run, stopping: Callable[[], bool] = lambda: False) -> dict[str, float] | None:
+    """Estimate the losses, log them, keep the best checkpoint and the latest training state; None when
+    stopped during the evaluation (nothing logged or saved then)."""
     if run.dataset.fingerprint() != run.fingerprint:
         raise UserError(f"{run.dataset.folder} was prepared again during training; stopped (the last good "
                         "checkpoint is kept). Prepare new data under another --name while a run uses it")
-    losses = estimate_loss(run.raw_model, run.dataset, run.config, run.rt)
+    losses = estimate_loss(run.raw_model, run.dataset, run.config, run.rt, stopping)
+    if losses is None:
+        return None
     if not all(map(math.isfinite, losses.values())):
         raise FloatingPointError(f"the loss became {losses['train']} at iteration {run.iter_num}")
     val = losses["val"]
@@ -579,7 +636,7 @@ def train(config: dict) -> dict:
     start = LengthPlanner.clock()
     rt = init_runtime(config["device"], config["dtype"], config["compile"], seed=config["seed"])
     config = plan_memory(config, rt)
-    losses, stopped = {}, False
+    losses, stopped, run = {}, None, None
     try:
         with ExitStack() as stack:
             run = setup_run(config, rt, stack)
@@ -589,12 +646,18 @@ def train(config: dict) -> dict:
             micro_batch = config["batch_size"]
             loss_sum, t0, timed_iters = torch.zeros((), device=rt.device), time.time(), 0
             while True:
+                evaluated = False
                 if run.iter_num % config["eval_interval"] == 0 or run.iter_num >= run.max_iters:
                     eval_start = planner.clock()
-                    losses = evaluate_and_save(run)
+                    losses = evaluate_and_save(run, lambda: stop.requested) or losses
                     eval_seconds = planner.clock() - eval_start
                     planner.after_eval(run, eval_seconds)
                     t0 += eval_seconds  # evaluation time is not training speed
+                    evaluated = True
+                # every rank evaluates at the same iteration, so they can agree on stopping right after it
+                if evaluated and stop.agreed(rt):
+                    stopped = stop_and_save(run, stop)
+                    break
                 if run.iter_num >= run.max_iters or memorising(run):
                     break
                 factor = lr_factor(run.iter_num, config, run.max_iters)
@@ -614,23 +677,70 @@ def train(config: dict) -> dict:
                     t0, timed_iters = time.time(), 0
                 # under torchrun the ranks agree on stopping at log intervals only: it costs a sync
                 if (at_log or not rt.ddp) and stop.agreed(rt):
-                    save(run, "last.pt", full=True)
-                    if rt.master:
-                        print(f"saved {run.out_dir / 'last.pt'} at iteration {run.iter_num}; resume with:\n"
-                              f"  python {' '.join(sys.argv)} --init_from=resume")
-                    stopped = True
+                    stopped = stop_and_save(run, stop)
                     break
             if rt.ddp:
                 check_ranks_in_sync(run.raw_model, rt.master)
                 # every rank done before any tears gloo down: otherwise one sometimes aborted at exit
                 # ("terminate called without an active exception", 2 runs in 22 of the torchrun test)
                 torch.distributed.barrier()
+    except FloatingPointError as e:
+        raise FloatingPointError(f"{e}; training stopped, the last good checkpoint is kept. "
+                                 f"{divergence_advice(config, rt)}") from None
+    except (RuntimeError, MemoryError) as e:
+        short = out_of_memory(e)
+        if short is None:
+            raise
+        raise UserError(f"{short} at iteration {run.iter_num if run else 0} on {rt.device}: lower "
+                        f"--batch_size (now {config['batch_size']}) or --block_size (now {config['block_size']}), or "
+                        f"train a smaller model (--n_layer {config['n_layer']}, --n_embd {config['n_embd']}); "
+                        "--estimate_memory says what a setting needs") from None
     finally:
         if rt.ddp:
             torch.distributed.destroy_process_group()
     return {"iter_num": run.iter_num, "max_iters": run.max_iters, "best_val_loss": run.best_val_loss,
             "best_iter": run.best_iter,
             "train_loss": losses.get("train"), "val_loss": losses.get("val"), "stopped": stopped}
+
+
+def stop_and_save(run: Run, stop: StopRequest) -> signal.Signals:
+    """Save last.pt on a Ctrl-C or SIGTERM and print the command that resumes; returns the signal."""
+    if run.iter_num == 0:  # nothing trained yet: no state worth replacing the out_dir's files with
+        if run.rt.master:
+            print("stopped before the first step; nothing saved")
+        return stop.signal
+    save(run, "last.pt", full=True)
+    if run.rt.master:
+        print(f"saved {run.out_dir / 'last.pt'} at iteration {run.iter_num}; resume with:\n  {resume_command(sys.argv)}")
+    return stop.signal
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that resumes this run: the same one, with its own --init_from (and --overwrite) left out."""
+    kept, i = [], 1
+    while i < len(argv):
+        arg = argv[i]
+        name, has_value, _ = arg.partition("=")
+        i += 1
+        if name in ("--init_from", "--pretrained_model", "--overwrite"):
+            # the value is the next word unless given with =; a bare --overwrite takes one only if it is a bool word
+            if not has_value and i < len(argv) and (name != "--overwrite" or argv[i] in ("True", "true", "False", "false")):
+                i += 1
+            continue
+        kept.append(arg)
+    return shlex.join(["python", os.path.basename(argv[0]), *kept, "--init_from=resume"])
+
+
+def divergence_advice(config: dict, rt: Runtime) -> str:
+    """What to change after the loss became NaN or infinite; a precision is advised only if the run is not using it."""
+    rates = f"Lower --learning_rate (now {config['learning_rate']:g})"
+    if config["optimizer"] == "muon":
+        rates += f" or --muon_lr (now {config['muon_lr']:g})"
+    if rt.dtype_name == "float16":
+        return f"{rates}, or use --dtype=bfloat16 (or float32): float16 overflows easily"
+    if rt.dtype_name == "bfloat16":
+        return f"{rates}, or use --dtype=float32"
+    return f"{rates}, or raise --warmup_iters (now {config['warmup_iters']})"
 
 
 def check_ranks_in_sync(model: GPT, master: bool) -> None:
@@ -657,12 +767,14 @@ def main(argv: list[str] | None = None) -> None:
         result = train(config)
         if chinese and not result["stopped"] and os.environ.get("RANK", "0") == "0":
             print(f"exported the best model to {chinese.export(config['out_dir'])} (GPT2-Chinese's final_model)")
-    except UserError as e:
+    except (UserError, FloatingPointError) as e:
         exit_with_error(e)
-    except FloatingPointError as e:
-        exit_with_error(f"{e}; training stopped, the last good checkpoint is kept. "
-                        "Lower --learning_rate or use --dtype=bfloat16/float32")
-    if not result["stopped"] and result["val_loss"] is not None:
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once
+        print("\ninterrupted", file=sys.stderr)
+        raise SystemExit(130)
+    if result["stopped"]:
+        raise SystemExit(128 + result["stopped"])  # 130 after Ctrl-C (SIGINT), 143 after SIGTERM, as shells expect
+    if result["val_loss"] is not None:
         print(f"done: {result['iter_num']} iterations, final val loss {result['val_loss']:.4f}, "
               f"best {result['best_val_loss']:.4f}")
 
