@@ -101,7 +101,7 @@ def _parse(key: str, raw: str, default: object, declared: type | None) -> object
     """Turn a command-line string into a value for key; a str key keeps the text as typed."""
     kind = type(default) if default is not None else declared
     if kind is str and not (default is None and raw == "None"):
-        return raw
+        return check_text(raw, f"--{key}")
     if kind is bool and raw in BOOL_WORDS:
         return BOOL_WORDS[raw]
     try:

@@ -81,6 +81,8 @@ class FolderLock:
             fd = self._open()
             if fd is None:
                 continue
+            if fd < 0:  # a reader of a folder nobody can write: no writer to keep out, so no lock is needed
+                return self
             try:
                 fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -112,8 +114,21 @@ class FolderLock:
                 return None
             raise UserError(f"{self.folder} does not exist") from None
         except OSError as e:
+            if self.shared and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                return self._open_read_only()
             raise UserError(f"cannot lock {self.folder} ({e.strerror or e}); is it a folder you can write to?") \
                 from None
+
+    def _open_read_only(self) -> int:
+        """A reader's lock in a folder it cannot write: the existing lock file opened for reading (flock works on
+        it, so a writer that can write there is still kept out), or -1 when there is none (then nobody can
+        create one, so no writer can take the folder: prepare.py locks before it replaces a dataset)."""
+        try:
+            return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return -1
+        except OSError as e:
+            raise UserError(f"cannot read {self.folder} ({e.strerror or e})") from None
 
     def _still_the_folders(self, fd: int) -> bool:
         """Whether the file we locked is still the folder's lock file (not one swapped away meanwhile)."""
