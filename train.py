@@ -14,11 +14,13 @@ from __future__ import annotations
 import difflib
 import json
 import math
-import shlex
 import os
+import shlex
 import signal
+import socket
 import sys
 import time
+import urllib.parse
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +104,7 @@ DEFAULTS = dict(
     seed=1337,
     estimate_memory=False,  # print the memory this run needs (no GPU or dataset needed) and exit
 )
+WANDB_TIMEOUT = 20  # seconds a reachable wandb server gets to start the run before it is logged offline
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")  # fixed once a model exists
 
 
@@ -254,12 +257,23 @@ class MetricsLog:
             self.pending.unlink(missing_ok=True)
         if self.path and config["wandb_log"]:
             import wandb
-            mode = wandb_mode()
-            self.run = wandb.init(project=config["wandb_project"], name=config["wandb_run_name"] or
-                                  f"{config['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}", config=config,
-                                  mode=mode, dir=str(out_dir))
+            mode, why = wandb_mode(), "no login found"
+            if mode == "online":
+                unreachable = wandb_unreachable()
+                if unreachable:
+                    mode, why = "offline", f"cannot reach {unreachable}"
+            arguments = dict(project=config["wandb_project"], name=config["wandb_run_name"] or
+                             f"{config['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}", config=config, dir=str(out_dir))
+            try:
+                self.run = wandb.init(**arguments, mode=mode, settings=wandb.Settings(init_timeout=WANDB_TIMEOUT))
+            except Exception as e:  # the server answered but would not start the run (a bad key, a timeout, ...)
+                if mode != "online":
+                    raise
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+                mode, why = "offline", f"the server refused the run ({first})"
+                self.run = wandb.init(**arguments, mode=mode)
             if mode == "offline":
-                print(f"wandb: no login found, logging offline; upload later with: "
+                print(f"wandb: {why}, logging offline; upload later with: "
                       f"wandb sync {self.run.dir.rsplit('/files', 1)[0]}")
 
     def log(self, record: dict) -> None:
@@ -299,6 +313,18 @@ def wandb_mode() -> str:
         return "online" if netrc.netrc().authenticators("api.wandb.ai") else "offline"
     except (OSError, netrc.NetrcParseError):
         return "offline"
+
+
+def wandb_unreachable(timeout: float = 3.0) -> str | None:
+    """None when wandb's server (WANDB_BASE_URL, else api.wandb.ai) takes a connection within timeout seconds,
+    else the address and the reason: a run then logs offline at once instead of waiting minutes for it."""
+    url = urllib.parse.urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    host, port = url.hostname or "api.wandb.ai", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return None
+    except OSError as e:
+        return f"{host}:{port} ({e.strerror or e})"
 
 
 def plot_losses(metrics_path: Path) -> None:
