@@ -288,8 +288,9 @@ def parse_json_documents(text: str, path: Path) -> list[str]:
             except json.JSONDecodeError as e:
                 # the file's own line: when line 1 is bad too, it was meant as one JSON document, so say where that broke
                 where = (whole.lineno, whole.colno, whole.msg) if number == 1 else (number, e.colno, e.msg)
-                raise UserError(f"{path} is neither JSON nor JSON Lines: line {where[0]}, column {where[1]}: "
-                                f"{where[2]}") from None
+                at = "" if where[2].endswith(" at") else " at"  # json's "Unterminated string starting at"
+                raise UserError(f"{path} is neither JSON nor JSON Lines: {where[2]}{at} line {where[0]}, "
+                                f"column {where[1]}") from None
     docs = []
     for k, item in enumerate(items):
         if isinstance(item, dict) and isinstance(item.get("text"), str):

@@ -237,7 +237,7 @@ def read_line() -> str | None:
     try:
         return check_text(line, "that line")
     except UserError as e:
-        print(f"{e}; type it again", file=sys.stderr)
+        print(e, file=sys.stderr)  # the line is skipped: the loop asks for the next one
         return ""
 
 
