@@ -42,8 +42,8 @@ def read_checkpoint(path: str | Path) -> dict:
     except FileNotFoundError:
         raise UserError(f"no checkpoint at {path}") from None
     except Exception:  # truncated, not a zip, pickled code, ...: torch's own advice (weights_only=False) is unsafe
-        raise UserError(f"cannot load {path}: it is damaged or was not written by train.py (code in it is never "
-                        "run); use another checkpoint or train again") from None
+        raise UserError(f"cannot load {path}: it is damaged (corrupt or was not written by train.py; code in it is "
+                        "never run); use another checkpoint or train again") from None
     missing = [k for k in ("model", "model_args", "vocab") if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing:
         raise UserError(f"{path} is not a checkpoint written by train.py (it has no {', '.join(missing)})")

@@ -19,6 +19,9 @@ from model import GPT, KVCache
 from tokenizer import Tokenizer
 
 
+MAX_SAMPLES = 4096  # samples generated together as one batch, at most
+
+
 @dataclass
 class SamplingSettings:
     max_new_tokens: int = 500  # tokens (characters) per sample
@@ -32,13 +35,16 @@ class SamplingSettings:
 
     def check(self) -> None:
         """Raise ValueError naming the first setting that cannot work."""
-        for ok, message in ((self.num_samples >= 1, f"num_samples must be at least 1, got {self.num_samples}"),
+        # the bounds keep float32 logits finite: a temperature of 1e-300 (or 1e300) turns them into inf and NaN
+        for ok, message in ((1 <= self.num_samples <= MAX_SAMPLES,
+                             f"num_samples must be in 1..{MAX_SAMPLES} (one batch), got {self.num_samples}"),
                             (self.max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {self.max_new_tokens}"),
-                            (self.temperature >= 0, f"temperature must be 0 or more, got {self.temperature}"),
+                            (self.temperature == 0 or 1e-3 <= self.temperature <= 1e3,
+                             f"temperature must be 0 (the likeliest token) or in 0.001..1000, got {self.temperature}"),
                             (self.top_k >= 0, f"top_k must be 0 (off) or more, got {self.top_k}"),
-                            (0 < self.top_p <= 1, f"top_p must be in (0, 1] (1 = off), got {self.top_p}"),
-                            (self.repetition_penalty > 0,
-                             f"repetition_penalty must be above 0 (1 = off), got {self.repetition_penalty}")):
+                            (1e-6 <= self.top_p <= 1, f"top_p must be in (0, 1] (1 = off), at least 1e-6, got {self.top_p}"),
+                            (1e-2 <= self.repetition_penalty <= 1e2,
+                             f"repetition_penalty must be in 0.01..100 (1 = off), got {self.repetition_penalty}")):
             if not ok:
                 raise ValueError(message)
 

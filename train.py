@@ -188,6 +188,22 @@ def checkpoint_model(config: dict, dataset: Dataset, path: str) -> GPT:
     return model
 
 
+def check_model_fits(config: dict, vocab_size: int, rt: Runtime) -> None:
+    """Refuse, before building it, a model whose weights, gradients and AdamW moments alone exceed the device's
+    memory (a mistyped --n_layer or --n_embd would otherwise allocate until the machine runs out)."""
+    n_embd = config["n_embd"]
+    parameters = config["n_layer"] * 12 * n_embd * n_embd + (vocab_size + config["block_size"]) * n_embd
+    needed = 16 * parameters  # float32 weights, gradients and two optimizer moments
+    if rt.device_type == "cuda":
+        available = torch.cuda.get_device_properties(rt.device).total_memory
+    else:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > available:
+        raise UserError(f"a model of {parameters:.3g} parameters (--n_layer {config['n_layer']}, --n_embd {n_embd}) "
+                        f"needs {needed / 2**30:,.1f} GB for its weights, gradients and optimizer state alone, and "
+                        f"{rt.device} has {available / 2**30:,.1f} GB: lower --n_layer or --n_embd")
+
+
 def resumed_model(config: dict, dataset: Dataset) -> tuple[GPT, dict]:
     """The model of out_dir/last.pt and the checkpoint itself, checked against the settings and the data."""
     path = Path(config["out_dir"]) / "last.pt"
@@ -479,6 +495,8 @@ def setup_run(config: dict, rt: Runtime, stack: ExitStack) -> Run:
         stack.enter_context(FolderLock(dataset.folder, "training", shared=True))
     if (config["batch_size"] * config["gradient_accumulation_steps"]) % rt.world_size:
         raise UserError(f"batch_size x gradient_accumulation_steps must be divisible by the {rt.world_size} processes")
+    if config["init_from"] == "scratch":
+        check_model_fits(config, dataset.tokenizer.vocab_size, rt)
     checkpoint = None
     if config["init_from"] == "resume":
         model, checkpoint = resumed_model(config, dataset)
