@@ -151,6 +151,9 @@ def test_inputs_that_are_not_regular_files_or_too_large_are_refused_before_readi
     ("sample.py", "--temperature=1e999", ["--temperature expects a finite number, got inf"]),
     ("sample.py", "--top_p=-1e400", ["--top_p expects a finite number, got -inf"]),
     ("sample.py", "--seed=1e400", ["--seed expects an integer"]),
+    ("sample.py", "--temperature=1e-300", ["temperature must be 0 (the likeliest token) or in 0.001..1000"]),
+    ("sample.py", "--repetition_penalty=1e300", ["repetition_penalty must be in 0.01..100"]),
+    ("sample.py", "--num_samples=1000000", ["num_samples must be in 1..4096"]),
     ("evaluate.py", "--context=9999999999999999999999", ["--context is out of range"]),
     ("prepare.py", "--vocab_size=99999999999", ["--vocab_size must be in 6..4,294,967,296"]),
     ("prepare.py", "--val_fraction=1e309", ["--val_fraction expects a finite number"]),
@@ -160,6 +163,12 @@ def test_numbers_out_of_range_are_one_line_where_they_are_parsed(tmp_path, scrip
         (tmp_path / "c.py").write_text(option.removeprefix("config: ") + "\n")
         option = "c.py"
     one_line_error(run(script, option, cwd=tmp_path), *words)
+
+
+def test_a_model_larger_than_the_machine_is_refused_before_it_is_built(work, tmp_path):
+    one_line_error(run("train.py", *train_args(work, tmp_path / "o", "--n_layer=1000000000"), cwd=tmp_path),
+                   "needs", "GB for its weights, gradients and optimizer state alone", "lower --n_layer or --n_embd")
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()
 
 
 def test_names_the_file_system_refuses(work, tmp_path):
@@ -422,3 +431,25 @@ def test_a_diverged_run_never_advises_the_dtype_it_uses():
     assert "bfloat16" not in advice["bfloat16"] and "--dtype=float32" in advice["bfloat16"]
     assert "--dtype=bfloat16" in advice["float16"]
     assert all("--learning_rate (now 0.0003)" in a and "--muon_lr (now 0.02)" in a for a in advice.values())
+
+
+def test_a_damaged_copy_index_cache_is_built_again(work, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(work / "data", data)
+    pt = tmp_path / "ckpt.pt"
+    checkpoint = torch.load(work / "out" / "ckpt.pt", weights_only=True)
+    checkpoint["config"]["data_dir"] = str(data)
+    torch.save(checkpoint, pt)
+    args = [f"--init_from={pt}", "--max_new_tokens=20", "--seed=1"]
+    assert run("sample.py", *args, cwd=tmp_path).returncode == 0  # builds and caches the index
+    cache = next(data.glob("tiny/cache-*.npz"))
+    with np.load(cache) as cached:
+        parts = dict(cached)
+    parts["starts"][0] = 10**9  # a start past train.bin, the stamp still right
+    np.savez(cache, **parts)
+    for damage in ("tampered", "cut"):
+        if damage == "cut":
+            cache.write_bytes(cache.read_bytes()[:100])
+        result = run("sample.py", *args, cwd=tmp_path)
+        assert result.returncode == 0 and "copy check against" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
