@@ -453,3 +453,13 @@ def test_a_damaged_copy_index_cache_is_built_again(work, tmp_path):
         result = run("sample.py", *args, cwd=tmp_path)
         assert result.returncode == 0 and "copy check against" in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_out_of_memory_is_told_from_other_errors_with_its_figure():
+    from runtime import out_of_memory
+    with pytest.raises(RuntimeError) as info:
+        torch.empty(2**60, dtype=torch.uint8)  # an exabyte: refused by the CPU allocator
+    assert out_of_memory(info.value) == f"out of memory (tried to allocate {2**60 / 2**30:.1f} GB)"
+    assert out_of_memory(MemoryError()) == "out of memory"
+    assert out_of_memory(RuntimeError("probability tensor contains either `inf`, `nan`")) is None
+    assert out_of_memory(ValueError("can't allocate memory")) is None
