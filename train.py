@@ -281,7 +281,8 @@ class MetricsLog:
             arguments = dict(project=config["wandb_project"], name=config["wandb_run_name"] or
                              f"{config['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}", config=config, dir=str(out_dir))
             try:
-                self.run = wandb.init(**arguments, mode=mode, settings=wandb.Settings(init_timeout=WANDB_TIMEOUT))
+                online = dict(settings=wandb.Settings(init_timeout=WANDB_TIMEOUT)) if mode == "online" else {}
+                self.run = wandb.init(**arguments, mode=mode, **online)
             except Exception as e:  # the server answered but would not start the run (a bad key, a timeout, ...)
                 if mode != "online":
                     raise
