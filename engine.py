@@ -42,7 +42,8 @@ class SamplingSettings:
                             (self.temperature == 0 or 1e-3 <= self.temperature <= 1e3,
                              f"temperature must be 0 (the likeliest token) or in 0.001..1000, got {self.temperature}"),
                             (self.top_k >= 0, f"top_k must be 0 (off) or more, got {self.top_k}"),
-                            (1e-6 <= self.top_p <= 1, f"top_p must be in (0, 1] (1 = off), at least 1e-6, got {self.top_p}"),
+                            (1e-6 <= self.top_p <= 1, f"top_p must be in (0, 1] (1 = off), got {self.top_p}"
+                             + (" (at least 1e-6)" if 0 < self.top_p < 1e-6 else "")),
                             (1e-2 <= self.repetition_penalty <= 1e2,
                              f"repetition_penalty must be in 0.01..100 (1 = off), got {self.repetition_penalty}")):
             if not ok:

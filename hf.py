@@ -95,15 +95,16 @@ def _read_hf_weights(path: str) -> dict[str, torch.Tensor]:
         raise ValueError("reading model.safetensors needs the safetensors package: pip install safetensors") from None
     except pickle.UnpicklingError as e:
         if "weights only" not in str(e).lower():  # a truncated or garbled file
-            raise ValueError(f"the weights in {path} are damaged (they do not unpickle); export or download the "
-                             "model again") from None
+            raise ValueError(f"cannot read the weights in {path}: they are damaged (they do not unpickle); export "
+                             "or download the model again") from None
         # torch's message goes on to advise weights_only=False: never for such a file
-        raise ValueError(f"{path}: the weights file holds pickled objects other than tensors (code, perhaps), which "
-                         "are never loaded here; use a model.safetensors, or a pytorch_model.bin of plain tensors"
-                         ) from None
+        raise ValueError(f"cannot read the weights in {path}: the file holds pickled objects other than tensors "
+                         "(code, perhaps), which are never loaded here; use a model.safetensors, or a "
+                         "pytorch_model.bin of plain tensors") from None
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise ValueError(f"the weights in {path} are damaged ({first}); export or download the model again") from None
+        raise ValueError(f"cannot read the weights in {path}: they are damaged ({first}); export or download the "
+                         "model again") from None
     raise ValueError(f"{path} has neither model.safetensors nor pytorch_model.bin (nor a sharded index)")
 
 
