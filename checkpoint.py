@@ -41,8 +41,8 @@ def read_checkpoint(path: str | Path) -> dict:
     except FileNotFoundError:
         raise UserError(f"no checkpoint at {path}") from None
     except Exception:  # truncated, not a zip, pickled code, ...: torch's own advice (weights_only=False) is unsafe
-        raise UserError(f"cannot load {path}: it is corrupt or was not written by train.py; "
-                        "use another checkpoint or train again") from None
+        raise UserError(f"cannot load {path}: it is damaged (corrupt or was not written by train.py; code in it is "
+                        "never run); use another checkpoint or train again") from None
     missing = [k for k in ("model", "model_args", "vocab") if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing:
         raise UserError(f"{path} is not a checkpoint written by train.py (it has no {', '.join(missing)})")
@@ -52,10 +52,25 @@ def read_checkpoint(path: str | Path) -> dict:
 def model_from_checkpoint(checkpoint: dict, path: str | Path) -> tuple[GPT, Tokenizer]:
     """The GPT and Tokenizer stored in a checkpoint dict."""
     try:
-        return GPT.from_state_dict(checkpoint["model_args"], checkpoint["model"]), Tokenizer.from_meta(checkpoint["vocab"])
-    except (TypeError, ValueError, RuntimeError) as e:
+        model = GPT.from_state_dict(checkpoint["model_args"], checkpoint["model"])
+        tok = Tokenizer.from_meta(checkpoint["vocab"])
+    except (TypeError, ValueError, RuntimeError, KeyError, AttributeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise UserError(f"cannot load the model in {path}: {first}") from None
+        raise UserError(f"cannot load the model in {path}: it is damaged ({first}); use another checkpoint or "
+                        "train again") from None
+    if model.config.vocab_size != tok.vocab_size:
+        raise UserError(f"{path} is damaged: its model has {model.config.vocab_size} tokens but its vocabulary "
+                        f"{tok.vocab_size}; use another checkpoint or train again")
+    check_finite(model, str(path), "use another checkpoint or train again")
+    return model, tok
+
+
+def check_finite(model: torch.nn.Module, name: str, fix: str) -> None:
+    """Refuse a model with a NaN or infinite weight (it could only ever generate garbage or fail to sample)."""
+    for key, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise UserError(f"{name} is damaged: {bad:,} weight(s) of {key} are NaN or infinite; {fix}")
 
 
 def vocab_from_file(path: str) -> Tokenizer:
@@ -75,7 +90,7 @@ def vocab_difference(a: Tokenizer, b: Tokenizer) -> str | None:
     for i, (x, y) in enumerate(zip(a.itos, b.itos)):
         if x != y:
             return f"first difference at id {i}: {y!r} against {x!r}"
-    return f"{a.vocab_size} tokens against {b.vocab_size}"
+    return f"{b.vocab_size:,} tokens against {a.vocab_size:,}"  # the other's first, as in the id case
 
 
 def check_vocab(model_tok: Tokenizer, model_name: str, other: Tokenizer, other_name: str, fix: str) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,9 +103,14 @@ def load_copy_index(folder: str | Path) -> CopyIndex:
     path = cache_path(folder)
     try:
         with np.load(path, allow_pickle=False) as cached:
-            if np.array_equal(cached["stamp"], stamp):
-                return CopyIndex(train, cached["hashes"], cached["starts"], folder)
-    except (OSError, KeyError, ValueError):  # no cache yet, or a damaged one: build it again
+            hashes, starts = cached["hashes"], cached["starts"]
+            windows = max(0, len(train) - GRAM + 1)
+            # a damaged cache with a right stamp must not reach the search, where a wrong start is an IndexError
+            whole = (hashes.shape == starts.shape == (windows,) and np.issubdtype(starts.dtype, np.integer)
+                     and (windows == 0 or int(starts.max()) < windows))
+            if np.array_equal(cached["stamp"], stamp) and whole:
+                return CopyIndex(train, hashes, starts, folder)
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):  # none yet, or a damaged one: build it again
         pass
     index = build_index(train, folder)
     tmp = folder / f"{CACHE_PREFIX}.{os.getpid()}.tmp.npz"

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from configurator import UserError
+from files import check_path_names
 from tokenizer import DEFAULT_VOCAB_SIZE, Tokenizer
 
 if TYPE_CHECKING:
@@ -34,6 +35,7 @@ def check_name(name: str, option: str = "--name") -> str:
             or name != name.strip()):
         raise UserError(f"{option} {name!r} is not a dataset name: give one plain folder name such as "
                         f"mynovel (no / or \\, not starting with a dot)")
+    check_path_names(name, option)
     return name
 
 
@@ -141,6 +143,12 @@ def check_token_files(folder: Path, meta: dict, name: str) -> None:
         if size != expected:
             raise UserError(f"{path} has {size:,} bytes but meta.json says {meta[f'{split}_tokens']:,} tokens "
                             f"({expected:,} bytes): the dataset is damaged; prepare it again: {remake_hint(name)}")
+        vocab_size = len(meta["itos"]) if isinstance(meta.get("itos"), list) else meta.get("vocab_size", 0)
+        # the contents too: an id past the vocabulary would fail deep inside the model (an IndexError)
+        largest = int(np.memmap(path, dtype=meta["dtype"], mode="r").max()) if size else 0
+        if largest >= vocab_size:
+            raise UserError(f"{path} is damaged: it holds token id {largest:,}, past the vocabulary's {vocab_size:,} "
+                            f"tokens; prepare it again: {remake_hint(name)}")
 
 
 def open_dataset(data_dir: str, name: str, block_size: int = 0) -> Dataset:

@@ -19,40 +19,50 @@ from model import GPT, KVCache
 from tokenizer import Tokenizer
 
 
+MAX_SAMPLES = 4096  # samples generated together as one batch, at most
+
+
 def option(default: object, explanation: str, low: float | None = None, rule: str = "", above: bool = False,
-           high: float | None = None, request_high: float | None = None) -> object:
+           high: float | None = None, request_high: float | None = None, least: float | None = None) -> object:
     """A SamplingSettings field: its default, its --help line, and its bounds: at least low (above low when
-    `above`) and at most high, said as "must be <rule>"; request_high is the most a request to serve.py may
-    ask where the command line has no upper bound."""
+    `above`), at most high and, other than 0, at least `least`, said as "must be <rule>"; request_high is the
+    most a request to serve.py may ask where the command line allows more."""
     return field(default=default, metadata=dict(explanation=explanation, low=low, above=above, high=high,
-                                                rule=rule, request_high=request_high))
+                                                rule=rule, request_high=request_high, least=least))
 
 
 @dataclass
 class SamplingSettings:
     """Every sampling option: the one definition that sample.py, serve.py (its request body too) and the
     GPT2-Chinese flags take their defaults, explanations and bounds from."""
+    # the bounds of temperature, top_p and repetition_penalty keep float32 logits finite: a temperature of 1e-300
+    # (or 1e300) turns them into inf and NaN
     max_new_tokens: int = option(500, "tokens (characters) per sample", low=1, rule="at least 1")
-    temperature: float = option(1.0, "0 means always the most likely token", low=0, rule="0 or more",
-                                request_high=5)
+    temperature: float = option(1.0, "0 means always the most likely token; else in 0.001..1000", low=0,
+                                least=1e-3, high=1e3, rule="0 (the likeliest token) or in 0.001..1000", request_high=5)
     top_k: int = option(8, "keep the k most likely tokens; 0 = off; 8 is GPT2-Chinese's default", low=0,
                         rule="0 (off) or more")
-    top_p: float = option(1.0, "nucleus sampling, in (0, 1]; 1 = off", low=0, above=True, high=1,
+    top_p: float = option(1.0, "nucleus sampling, in (0, 1]; 1 = off", low=0, above=True, least=1e-6, high=1,
                           rule="in (0, 1] (1 = off)")
-    repetition_penalty: float = option(1.0, "> 1 makes tokens already in the text less likely", low=0, above=True,
-                                       rule="above 0 (1 = off)", request_high=10)
-    num_samples: int = option(1, "generated together as one batch", low=1, rule="at least 1")
+    repetition_penalty: float = option(1.0, "> 1 makes tokens already in the text less likely; in 0.01..100",
+                                       low=0, above=True, least=1e-2, high=1e2, rule="in 0.01..100 (1 = off)",
+                                       request_high=10)
+    num_samples: int = option(1, "generated together as one batch", low=1, high=MAX_SAMPLES,
+                              rule=f"in 1..{MAX_SAMPLES} (one batch)")
     seed: int | None = option(None, "None: not seeded", low=0, rule="0 or more", request_high=2**63 - 1)
     ignore_eos: bool = option(False, "keep going past a generated end-of-text token")
 
     def check(self) -> None:
         """Raise ValueError naming the first setting that cannot work."""
         for f in fields(self):
-            value, low, high = getattr(self, f.name), f.metadata["low"], f.metadata["high"]
+            value, low, high, least = (getattr(self, f.name), f.metadata["low"], f.metadata["high"],
+                                       f.metadata["least"])
             if value is None or low is None:
                 continue
-            if value < low or (f.metadata["above"] and value == low) or (high is not None and value > high):
-                raise ValueError(f"{f.name} must be {f.metadata['rule']}, got {value}")
+            tiny = least is not None and 0 < value < least
+            if value < low or (f.metadata["above"] and value == low) or (high is not None and value > high) or tiny:
+                note = f" (at least {least:g})" if tiny and f"{least:g}" not in f.metadata["rule"] else ""
+                raise ValueError(f"{f.name} must be {f.metadata['rule']}, got {value}{note}")
 
     @classmethod
     def options(cls, **defaults: object) -> dict[str, tuple[object, str]]:

@@ -13,6 +13,7 @@ One token is one character with our vocabulary, so nats per token are nats per c
 """
 
 import math
+import sys
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +25,9 @@ import torch
 from checkpoint import check_vocab, load_model, resolve_source
 from configurator import Options, UserError, exit_with_error, get_config
 from dataset import open_dataset
-from preparing import prepare_default_corpus
+from preparing import check_encoding, check_errors, describe_encodings, prepare_default_corpus, read_documents
 from quant import apply_quantization, check_quantize_mode
-from runtime import init_runtime
+from runtime import init_runtime, out_of_memory
 
 MIN_DISCOUNT = 0.05  # modified Kneser-Ney discounts never go below this (only tiny corpora get near it)
 
@@ -322,8 +323,11 @@ DEFAULTS = Options(
     vocab=("", "vocab.txt for a model folder without one"),
     dataset=("", "dataset under data_dir to score; default: the checkpoint's own"),
     data_dir=("", "default: the checkpoint's own"),
-    text=("", "a UTF-8 text file to score instead of the dataset's val split"),
-    context=(64, "every character is scored with at least this many characters of context"),
+    text=("", "a text file to score instead of the dataset's val split (UTF-8, UTF-16, GBK/GB18030, Big5: detected)"),
+    encoding=("auto", "the --text file's encoding: auto (detected), or a Python codec name such as big5"),
+    errors=("strict", "replace: score a --text file past bytes that do not decode (each becomes U+FFFD)"),
+    context=(64, "every character is scored with at least this many characters of context (at most half a "
+                 "short model's block_size when left at 64)"),
     baseline=(False, "also print the Kneser-Ney trigram and modified Kneser-Ney 5-gram of the dataset"),
     device=("auto", "auto, cpu, cuda, cuda:1, mps"),
     dtype=("float32", "the scoring precision; float32 is exact, bfloat16 faster where the CPU computes it natively"),
@@ -346,19 +350,27 @@ def evaluate(config: dict) -> dict[str, float]:
     if name and (config["baseline"] or not config["text"]):
         prepare_default_corpus(data_dir, name)  # when it is the one asked for and missing
     if config["text"]:
-        try:
-            text = Path(config["text"]).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read --text {config['text']} as UTF-8: {e}") from None
+        docs, _, encodings = read_documents(Path(config["text"]), config["encoding"], config["errors"])
+        text = "\n".join(docs)  # one file's text (a folder's files, or a JSON file's documents, one after another)
+        if encodings[0] != "utf-8" and config["encoding"] == "auto":
+            print(f"read {config['text']} as {describe_encodings(encodings)} (detected; --encoding=NAME forces another)")
         ids, what = tok.encode(text), config["text"]
+        if len(ids) < 2:
+            raise UserError(f"--text {config['text']} holds {len(ids)} character(s); scoring needs at least 2")
     else:
         if not name:
             raise UserError(f"{path} does not say which dataset it was trained on; give --dataset (or --text)")
         data = open_dataset(data_dir, name)
         check_vocab(tok, path, data.tokenizer, str(data.folder), "score the dataset it was trained on")
         ids, what = np.asarray(data.tokens("val")), f"{data.folder} val split"
-    print(f"{what}: {len(ids):,} characters, each scored with at least {config['context']} of context")
-    results["model"] = whole_split_loss(model, ids, context=config["context"], autocast=rt.dtype)
+    context = config["context"]
+    if context >= model.config.block_size:
+        if context != DEFAULTS["context"]:
+            raise UserError(f"--context {context} must be below the model's block_size, {model.config.block_size}")
+        context = model.config.block_size // 2  # the default is for our users' 512: a short model gets half its own
+        print(f"note: the model's block_size is {model.config.block_size}; scoring with --context={context}")
+    print(f"{what}: {len(ids):,} characters, each scored with at least {context} of context")
+    results["model"] = whole_split_loss(model, ids, context=context, autocast=rt.dtype)
     print(f"  model {source}: {loss_report(results['model'])}")
     if config["baseline"]:
         data = open_dataset(data_dir, name)
@@ -375,11 +387,22 @@ def main(argv: list[str] | None = None) -> None:
         config = get_config(DEFAULTS, argv)
         if config["context"] < 0:
             raise UserError(f"--context must be 0 or more, got {config['context']}")
+        check_encoding(config["encoding"])
+        check_errors(config["errors"])
         evaluate(config)
     except UserError as e:
         exit_with_error(e)
     except ValueError as e:
         exit_with_error(str(e).splitlines()[0])
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        raise SystemExit(130)
+    except (RuntimeError, MemoryError) as e:
+        short = out_of_memory(e)
+        if short is None:
+            raise
+        exit_with_error(f"{short} while scoring: use --dtype=bfloat16 or --quantize=int8 (CPU), or a machine with "
+                        "more memory")
 
 
 if __name__ == "__main__":

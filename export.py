@@ -15,6 +15,7 @@ import sys
 
 from checkpoint import load_model, resolve_source
 from configurator import Options, UserError, exit_with_error, get_config, print_options
+from files import check_path_names
 from hf import FORMATS, export_folder
 
 DEFAULTS = Options(
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         if config["format"] not in FORMATS:
             raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {config['format']!r}")
         source, target = bare
+        check_path_names(target, "the new folder")
         model, tok, _ = load_model(resolve_source(source), config["vocab"])
         try:
             names = export_folder(model, tok, target, config["format"])
@@ -61,6 +63,9 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"cannot export to {target}: {e}") from None
     except UserError as e:
         exit_with_error(e)
+    except KeyboardInterrupt:  # the folder is written beside the target and swapped in whole: nothing half-written
+        print("\ninterrupted; the target folder is as it was", file=sys.stderr)
+        raise SystemExit(130)
     print(f"wrote {target}: {', '.join(names)}")
     print(f"load it with transformers: GPT2LMHeadModel.from_pretrained({target!r}), "
           f"AutoTokenizer.from_pretrained({target!r})")

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import zipfile
@@ -42,6 +43,11 @@ PROGRESS_MIN_CHARS = 2_000_000  # show a progress bar from a few MB of text up
 LEGACY_ENCODINGS = ("gb18030", "big5", "cp950", "big5hkscs", "utf-16-le", "utf-16-be")
 DETECT_BYTES = 256 * 1024  # the prefix that candidate encodings are judged on
 MIN_PLAUSIBLE = 0.5  # least share of common characters for a decoding to count as Chinese text
+# Preparing holds the bytes, the decoded text (up to 4 bytes a character), its cleaned copy and the token ids
+# at once: a 45 MB Chinese UTF-8 text peaked at 396 MB (about 9x, the interpreter included). An input above
+# memory / this factor (which leaves room for other text and other processes) is refused before reading it.
+MEMORY_PER_INPUT_BYTE = 16
+MAX_BAD_SHARE = 0.01  # a file whose bytes are UTF-8 except for up to this share is called UTF-8 with bad bytes
 
 
 # ---- names and folders ----
@@ -52,7 +58,6 @@ def stray_files(folder: Path) -> list[str]:
         return []
     own = set(DATASET_FILES) | {LOCK_NAME}
     return sorted(p.name for p in folder.iterdir() if p.name not in own and not p.name.startswith(CACHE_PREFIX))
-
 
 def check_output_folder(out_dir: Path, source: Path | None) -> None:
     """Refuse to replace a folder that holds anything but a dataset's own files, or holds the input."""
@@ -98,15 +103,35 @@ def check_encoding(encoding: str) -> str:
     return encoding
 
 
-def decode_bytes(data: bytes, name: str, encoding: str = "auto") -> tuple[str, str]:
+def check_errors(errors: str) -> str:
+    """--errors: strict (a byte that does not decode is an error) or replace (it becomes U+FFFD)."""
+    if errors not in ("strict", "replace"):
+        raise UserError(f"--errors must be strict or replace, got {errors!r}")
+    return errors
+
+
+def mostly_utf8(data: bytes) -> tuple[int, int] | None:
+    """(offset of the first bad byte, count of bad bytes) for bytes that are UTF-8 but for a few bad ones
+    (a damaged file, or one cut mid-character by head -c); None when they are not UTF-8 at all."""
+    try:
+        data.decode("utf-8")
+        return None
+    except UnicodeDecodeError as e:
+        first = e.start
+    bad = data.decode("utf-8", "replace").count("\ufffd") - data.decode("utf-8", "ignore").count("\ufffd")
+    return (first, bad) if bad <= max(1, MAX_BAD_SHARE * len(data)) else None
+
+
+def decode_bytes(data: bytes, name: str, encoding: str = "auto", errors: str = "strict") -> tuple[str, str]:
     """Decode a text file; returns (text, encoding used). 'auto': a BOM, else UTF-8, else the legacy
-    encoding whose text is most plausibly Chinese."""
+    encoding whose text is most plausibly Chinese. errors='replace': bad bytes become U+FFFD."""
     if encoding != "auto":
         try:
-            return data.decode(encoding), encoding
+            return data.decode(encoding, errors), encoding
         except UnicodeDecodeError as e:
             raise UserError(f"{name} does not decode as {encoding} (byte {e.start}: {e.reason}); give the file's "
-                            "encoding with --encoding, or leave it out to detect it") from None
+                            "encoding with --encoding, leave it out to detect it, or go on with --errors=replace "
+                            "(each bad byte becomes \ufffd)") from None
     boms = ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
     candidates = [enc for bom, enc in boms if data.startswith(bom)]
     if b"\x00" not in data:  # NUL bytes: not UTF-8 text, perhaps UTF-16 without a BOM
@@ -131,6 +156,12 @@ def decode_bytes(data: bytes, name: str, encoding: str = "auto") -> tuple[str, s
             return data.decode(enc), enc
         except UnicodeDecodeError:
             pass
+    damaged = mostly_utf8(data) if b"\x00" not in data else None
+    if damaged and errors == "replace":
+        return data.decode("utf-8", "replace"), "utf-8"
+    if damaged:
+        raise UserError(f"{name} is UTF-8 except at byte {damaged[0]:,} ({damaged[1]:,} bad byte(s) in all: a damaged "
+                        "or cut file); fix it, or go on with --errors=replace (each bad byte becomes \ufffd)")
     best = f" (the best guess, {scores[0][1]}, gives only {scores[0][0]:.0%} common characters)" if scores else ""
     raise UserError(f"{name} is not text in a known encoding{best}; tried utf-8, utf-16 and "
                     f"{', '.join(LEGACY_ENCODINGS[:4])}: if you know its encoding, give it with --encoding=NAME")
@@ -145,14 +176,57 @@ def clean_text(text: str) -> str:
     return text.strip()
 
 
-def read_documents(path: Path, encoding: str = "auto") -> tuple[list[str], str, list[str]]:
-    """The documents (raw text, not yet cleaned) of a .txt file, a .json file or a folder of .txt files,
-    the SHA-256 of the bytes read (a folder's files in name order), and each file's encoding."""
+def text_files(folder: Path) -> list[Path]:
+    """The .txt files under folder, subfolders included, in path order (a stable order on every machine).
+    Hidden folders and prepared dataset folders inside it are skipped; symbolic links to folders are not followed."""
+    found = []
+    for parent, dirs, names in os.walk(folder):
+        here = Path(parent)
+        dirs[:] = [d for d in dirs if not d.startswith(".") and not all((here / d / f).is_file() for f in DATASET_FILES)]
+        found += [here / n for n in names if n.lower().endswith(".txt") and (here / n).is_file()]
+    return sorted(found, key=lambda p: p.relative_to(folder).parts)
+
+
+def check_input_sizes(files: list[Path]) -> None:
+    """Refuse, before reading anything, an input that is not a regular file or too large for this machine's memory."""
+    total = 0
+    for p in files:
+        try:
+            info = p.stat()
+        except OSError as e:
+            raise UserError(f"cannot read {p}: {e.strerror or e}") from None
+        if not stat.S_ISREG(info.st_mode):
+            raise UserError(f"{p} is not a regular file (a device, pipe or socket); give a .txt or .json file")
+        total += info.st_size
+    limit = input_limit()
+    if total > limit:
+        raise UserError(f"the input is {total / 2**30:.1f} GB; preparing it takes about {MEMORY_PER_INPUT_BYTE}x that "
+                        f"in memory, and this machine has {limit * MEMORY_PER_INPUT_BYTE / 2**30:.1f} GB: "
+                        "prepare a part of it (split the text into a smaller file)")
+
+
+def input_limit() -> int:
+    """The largest input (bytes) that preparing fits in this machine's memory."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 2**62
+    return memory // MEMORY_PER_INPUT_BYTE
+
+
+def read_documents(path: Path, encoding: str = "auto", errors: str = "strict") -> tuple[list[str], str, list[str]]:
+    """The documents (raw text, not yet cleaned) of a .txt file, a .json file or a folder of .txt files (its
+    subfolders' too), the SHA-256 of the bytes read (the files in path order), and each file's encoding."""
     if not path.exists():
         raise UserError(f"{path} does not exist; give a .txt file, a .json file or a folder of .txt files")
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".txt") if path.is_dir() else [path]
+    files = text_files(path) if path.is_dir() else [path]
     if not files:
-        raise UserError(f"folder {path} has no .txt files")
+        raise UserError(f"folder {path} has no .txt files, in it or in its subfolders")
+    if path.is_dir():
+        nested = sum(p.parent != path for p in files)
+        print(f"read {len(files)} .txt file(s) from {path}" + (f" ({nested} in subfolders), in path order"
+                                                              if nested else ""))
+    check_input_sizes(files)
     digest, texts, encodings = hashlib.sha256(), [], []
     for p in files:
         try:
@@ -160,7 +234,7 @@ def read_documents(path: Path, encoding: str = "auto") -> tuple[list[str], str, 
         except OSError as e:
             raise UserError(f"cannot read {p}: {e.strerror or e}") from None
         digest.update(data)
-        text, used = decode_bytes(data, str(p), encoding)
+        text, used = decode_bytes(data, str(p), encoding, errors)
         texts.append(text)
         encodings.append(used)
     if not path.is_dir() and path.suffix.lower() in (".json", ".jsonl"):
@@ -174,11 +248,19 @@ def parse_json_documents(text: str, path: Path) -> list[str]:
         items = json.loads(text)
         if not isinstance(items, list):
             items = [items]
-    except json.JSONDecodeError:
-        try:
-            items = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} is neither JSON nor JSON Lines (line {e.lineno}: {e.msg})") from None
+    except json.JSONDecodeError as whole:
+        items = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                items.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                # the file's own line: when line 1 is bad too, it was meant as one JSON document, so say where that broke
+                where = (whole.lineno, whole.colno, whole.msg) if number == 1 else (number, e.colno, e.msg)
+                at = "" if where[2].endswith(" at") else " at"  # json's "Unterminated string starting at"
+                raise UserError(f"{path} is neither JSON nor JSON Lines: {where[2]}{at} line {where[0]}, "
+                                f"column {where[1]}") from None
     docs = []
     for k, item in enumerate(items):
         if isinstance(item, dict) and isinstance(item.get("text"), str):
@@ -337,7 +419,8 @@ def write_dataset(out_dir: Path, files: dict[str, bytes | np.ndarray], source: P
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def check_options(vocab: str | None, vocab_size: int, val_fraction: float, block_size: int, encoding: str) -> None:
+def check_options(vocab: str | None, vocab_size: int, val_fraction: float, block_size: int, encoding: str,
+                  errors: str = "strict") -> None:
     if not 0 < val_fraction < 1:
         raise UserError(f"--val_fraction must be between 0 and 1, got {val_fraction}")
     if vocab is None and vocab_size < 6:
@@ -346,17 +429,19 @@ def check_options(vocab: str | None, vocab_size: int, val_fraction: float, block
     if block_size < 1:
         raise UserError(f"--block_size must be a positive number of tokens, got {block_size}")
     check_encoding(encoding)
+    check_errors(errors)
 
 
 def load_corpus(source: Path | None, data_dir: Path, encoding: str,
-                keep_document: Callable[[str], bool] | None = None) -> tuple[list[str], str, str, str]:
+                keep_document: Callable[[str], bool] | None = None, errors: str = "strict"
+                ) -> tuple[list[str], str, str, str]:
     """(cleaned documents, sha256 of the input, the input's name for meta.json, encoding description);
     keep_document, if given, chooses among the documents as read (GPT2-Chinese's --min_length)."""
     if source is None:
         text, digest = default_corpus(data_dir / ".downloads")
         docs, source_name, used = [text], f"{DEFAULT_PACKAGE}:{DEFAULT_MEMBER}", "utf-8"
     else:
-        docs, digest, encodings = read_documents(source, encoding)
+        docs, digest, encodings = read_documents(source, encoding, errors)
         docs = [d for d in docs if keep_document is None or keep_document(d)]
         source_name, used = str(source), describe_encodings(encodings)
         if encoding == "auto" and used != "utf-8":
@@ -369,11 +454,12 @@ def load_corpus(source: Path | None, data_dir: Path, encoding: str,
 
 def prepare(source: str | None = None, name: str | None = None, vocab: str | None = None,
             vocab_size: int = DEFAULT_VOCAB_SIZE, val_fraction: float = 0.1, block_size: int = 512,
-            data_dir: str = "data", encoding: str = "auto", keep_document: Callable[[str], bool] | None = None) -> dict:
+            data_dir: str = "data", encoding: str = "auto", keep_document: Callable[[str], bool] | None = None,
+            errors: str = "strict") -> dict:
     """Prepare <data_dir>/<name>/ from `source` (None or "": the default corpus); returns the metadata written.
     keep_document: which of the source's documents to use (all when None)."""
     vocab = vocab or None
-    check_options(vocab, vocab_size, val_fraction, block_size, encoding)
+    check_options(vocab, vocab_size, val_fraction, block_size, encoding, errors)
     source_path = Path(source) if source else None
     if name:
         check_name(name)
@@ -388,7 +474,7 @@ def prepare(source: str | None = None, name: str | None = None, vocab: str | Non
     out_dir = root / name
     check_output_folder(out_dir, source_path)  # before the work; write_dataset checks again under the lock
     remove_stale_temps(root)
-    docs, digest, source_name, used = load_corpus(source_path, root, encoding, keep_document)
+    docs, digest, source_name, used = load_corpus(source_path, root, encoding, keep_document, errors)
     tok = make_tokenizer(docs, vocab, vocab_size)
     train_ids, val_ids = encode_documents(tok, docs, val_fraction)
     for split, ids in (("train", train_ids), ("val", val_ids)):

@@ -8,6 +8,7 @@ Every script (train, sample, serve, evaluate, bench) calls init_runtime() so the
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -197,3 +198,19 @@ def peak_flops_for(device_name: str) -> float | None:
         if name.lower() in device_name.lower():
             return flops
     return None
+
+
+def out_of_memory(error: BaseException) -> str | None:
+    """'out of memory (tried to allocate 79.4 GB)' when error is the device or the CPU running out of memory
+    (torch's OutOfMemoryError, the CPU allocator's RuntimeError, Python's MemoryError); else None."""
+    text = str(error)
+    if isinstance(error, MemoryError):
+        return "out of memory"
+    if not isinstance(error, RuntimeError) or not (isinstance(error, torch.OutOfMemoryError) or
+                                                   "can't allocate memory" in text or "out of memory" in text.lower()):
+        return None
+    size = re.search(r"allocate (\d+) bytes", text)
+    if size:
+        return f"out of memory (tried to allocate {int(size.group(1)) / 2**30:.1f} GB)"
+    size = re.search(r"allocate ([\d.]+ [KMGT]i?B)", text)
+    return f"out of memory (tried to allocate {size.group(1)})" if size else "out of memory"

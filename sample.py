@@ -23,10 +23,12 @@ import sys
 import time
 from typing import Callable, NamedTuple
 
-from configurator import Options, UserError, exit_with_error, get_config
+from configurator import Options, UserError, check_text, exit_with_error, get_config
 from copycheck import CopyIndex, copy_summary
 from engine import Engine, SamplingSettings
+from files import check_path_names
 from gpt2chinese import generate_command, generate_samples, header, save_samples_file
+from runtime import out_of_memory
 from startup import load_generator
 from tokenizer import Tokenizer
 
@@ -47,6 +49,7 @@ DEFAULTS = Options(
     interactive=(False, "continue each line typed in the terminal, until Ctrl-D"),
     min_copy=(12, "report spans of this many characters copied verbatim from the training text; 0 = off"),
 )
+MAX_PROMPT_BYTES = 16 << 20  # a FILE: prompt larger than this is not a prompt (a device, or a whole corpus)
 # GPT2-Chinese generate.py's option names, so commands copied from its READMEs work unchanged
 ALIASES = dict(length="max_new_tokens", prefix="start", nsamples="num_samples", topk="top_k", topp="top_p",
                model_path="init_from", tokenizer_path="vocab")
@@ -175,20 +178,61 @@ def read_prompt(start: str) -> str:
     """The --start text, or the contents of the file it names as FILE:path."""
     if not start.startswith("FILE:"):
         return start
+    path = start[5:]
     try:
-        with open(start[5:], encoding="utf-8") as f:
+        if not os.path.isfile(path) and os.path.exists(path):
+            raise UserError(f"the prompt file {path} is not a regular file; give a text file")
+        if os.path.getsize(path) > MAX_PROMPT_BYTES:
+            raise UserError(f"the prompt file {path} is {os.path.getsize(path):,} bytes; a prompt is at most "
+                            f"{MAX_PROMPT_BYTES:,} (only the model's last block_size characters count anyway)")
+        with open(path, encoding="utf-8") as f:
             return f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read the prompt file {start[5:]} as UTF-8 text: {e}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"the prompt file {path} is not UTF-8 text (byte {e.start:,}: {e.reason}); save it as UTF-8") \
+            from None
+    except OSError as e:
+        raise UserError(f"cannot read the prompt file {path}: {e.strerror or e}") from None
+
+
+def check_samples_folder(folder: str) -> None:
+    """Before any generating: the samples folder can be made and written (not read-only, not a file)."""
+    check_path_names(folder, "--save_samples_path")
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"cannot save the samples in --save_samples_path {folder}: it is a file, not a folder; "
+                        "give a folder for the samples")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".probe.{os.getpid()}.tmp")
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot save the samples in --save_samples_path {folder} ({e.strerror or e}); "
+                        "give a folder you can write to") from None
+
+
+def read_line() -> str | None:
+    """One line typed at the prompt, or None at the end of input; bytes that are not UTF-8 are refused."""
+    try:
+        line = input("> ")
+    except EOFError:
+        return None
+    try:
+        return check_text(line, "that line")
+    except UserError as e:
+        print(e, file=sys.stderr)  # the line is skipped: the loop asks for the next one
+        return ""
 
 
 def interactive_loop(engine: Engine, tok: Tokenizer, config: dict, seed: int, index: CopyIndex | None) -> None:
     """Continue each line typed; Ctrl-C stops the current continuation, Ctrl-D (end of input) ends."""
     print("type a beginning and press Enter; Ctrl-D ends", file=sys.stderr)
+    # bytes that are not UTF-8 reach the line as lone surrogates, which read_line refuses, instead of an error in input()
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
     while True:
-        try:
-            line = input("> ")
-        except EOFError:
+        line = read_line()
+        if line is None:
             write("\n")
             return
         if not line.strip():
@@ -203,6 +247,7 @@ def interactive_loop(engine: Engine, tok: Tokenizer, config: dict, seed: int, in
 def main(argv: list[str] | None = None) -> None:
     """The command line; every user error ends with a one-line message and exit status 2."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    config = dict(DEFAULTS)
     try:
         chinese = generate_command(argv, DEFAULTS)  # GPT2-Chinese's generate.py flags, mapped onto ours
         config = get_config(DEFAULTS, chinese.argv if chinese else argv, ALIASES, types=TYPES)
@@ -210,7 +255,9 @@ def main(argv: list[str] | None = None) -> None:
             SamplingSettings.from_config(config).check()
         except ValueError as e:
             raise UserError(f"--{e}") from None
-        prompt = read_prompt(config["start"])
+        prompt = check_text(read_prompt(config["start"]), "the prompt")
+        if config["save_samples"]:
+            check_samples_folder(config["save_samples_path"])
         default_out = not config["init_from"] and config["out_dir"] == DEFAULTS["out_dir"]
         gen = load_generator(config["init_from"] or config["out_dir"], vocab=config["vocab"], device=config["device"],
                              dtype=config["dtype"], compile=config["compile"], quantize=config["quantize"],
@@ -233,6 +280,12 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         raise SystemExit(130)
+    except (RuntimeError, MemoryError) as e:
+        short = out_of_memory(e)
+        if short is None:
+            raise
+        exit_with_error(f"{short} while generating: lower --num_samples (now {config['num_samples']}) or "
+                        f"--max_new_tokens (now {config['max_new_tokens']}), or use --quantize=int8 on a CPU")
 
 
 if __name__ == "__main__":

@@ -208,7 +208,8 @@ def request_model(limits: Limits, vocab_size: int, defaults: SamplingSettings) -
         if f.name == "ignore_eos":
             continue
         bounds = {("gt" if f.metadata["above"] else "ge"): f.metadata["low"]}
-        high = highs.get(f.name, f.metadata["high"] if f.metadata["high"] is not None else f.metadata["request_high"])
+        high = highs.get(f.name, f.metadata["request_high"] if f.metadata["request_high"] is not None
+                         else f.metadata["high"])
         if high is not None:
             bounds["le"] = high
         body[f.name] = (kinds[f.name], Field(getattr(defaults, f.name), **bounds))

@@ -11,31 +11,40 @@ resume), out_dir/metrics.jsonl and out_dir/loss.png.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
+import shlex
 import signal
+import socket
 import sys
 import time
+import urllib.parse
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from checkpoint import check_vocab, checkpoint_state, fine_tune_vocab, model_from_checkpoint, read_checkpoint
+from checkpoint import (check_vocab, checkpoint_state, fine_tune_vocab, model_from_checkpoint, read_checkpoint,
+                        resolve_source)
 from configurator import UserError, exit_with_error, get_config
 from dataset import Dataset, open_dataset, vocab_size_of
-from files import FolderLock, atomic_torch_save, remove_stale_temps
+from files import FolderLock, atomic_torch_save, remove_stale_temps, temp_path
 from gpt2chinese import train_command
 from hf import load_hf_gpt2
 from memory import estimate_report, plan_memory
 from model import GPT
 from optim import decay_start, lr_factor, make_optimizers, set_lr, train_step
 from preparing import prepare_default_corpus
-from runtime import Runtime, init_runtime, peak_flops_for
+from runtime import Runtime, init_runtime, out_of_memory, peak_flops_for
 from trainsettings import (DEFAULTS, SHAPE_KEYS, TYPES, check_config, gpt_config, optimizer_settings, schedule,
                            training_shape)
+
+WANDB_TIMEOUT = 20  # seconds a reachable wandb server gets to start the run before it is logged offline
+
 
 # ------------------------------------------------------------------ the model and its optimizer
 
@@ -43,10 +52,17 @@ def new_model(config: dict, dataset: Dataset) -> GPT:
     """A model to train from scratch, or the GPT2-Chinese / Hugging Face folder config['init_from']."""
     if config["init_from"] == "scratch":
         return GPT(gpt_config(config, dataset.tokenizer.vocab_size))
+    source = config["init_from"]
+    if not os.path.exists(source):
+        close = difflib.get_close_matches(source, ["scratch", "resume"], n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else " (give scratch, resume, a model folder or a .pt file)"
+        raise UserError(f"--init_from {source} does not exist{hint}")
+    if not os.path.isfile(os.path.join(source, "config.json")):
+        return checkpoint_model(config, dataset, resolve_source(source))
     try:
-        model = load_hf_gpt2(config["init_from"], dropout=config["dropout"])
+        model = load_hf_gpt2(source, dropout=config["dropout"])
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot fine-tune from {config['init_from']}: {e}") from None
+        raise UserError(f"cannot fine-tune from {source}: {e}") from None
     # the checkpoints carry the folder's tokenizer metadata on; a vocabulary that is not the model's is refused
     dataset.tokenizer = fine_tune_vocab(config["init_from"], dataset)
     if model.config.vocab_size != dataset.tokenizer.vocab_size:
@@ -56,6 +72,37 @@ def new_model(config: dict, dataset: Dataset) -> GPT:
         raise UserError(f"block_size {config['block_size']} is longer than the model's "
                         f"{model.config.block_size} positions; use --block_size={model.config.block_size}")
     return model
+
+
+def checkpoint_model(config: dict, dataset: Dataset, path: str) -> GPT:
+    """The weights of a .pt checkpoint (or a run folder's ckpt.pt) to fine-tune: a new run, its own optimizer."""
+    checkpoint = read_checkpoint(path)
+    checkpoint["model_args"] = dict(checkpoint["model_args"], dropout=config["dropout"])  # the run's setting
+    model, tok = model_from_checkpoint(checkpoint, path)
+    check_vocab(tok, path, dataset.tokenizer, str(dataset.folder), "train it on its own dataset "
+                f"(--dataset={checkpoint.get('config', {}).get('dataset')}), or export it with export.py and prepare "
+                "the text with --vocab <the export's vocab.txt>")
+    dataset.tokenizer = tok  # the same tokens; the checkpoint's own metadata goes on
+    if config["block_size"] > model.config.block_size:
+        raise UserError(f"block_size {config['block_size']} is longer than the model's "
+                        f"{model.config.block_size} positions; use --block_size={model.config.block_size}")
+    return model
+
+
+def check_model_fits(config: dict, vocab_size: int, rt: Runtime) -> None:
+    """Refuse, before building it, a model whose weights, gradients and AdamW moments alone exceed the device's
+    memory (a mistyped --n_layer or --n_embd would otherwise allocate until the machine runs out)."""
+    n_embd = config["n_embd"]
+    parameters = config["n_layer"] * 12 * n_embd * n_embd + (vocab_size + config["block_size"]) * n_embd
+    needed = 16 * parameters  # float32 weights, gradients and two optimizer moments
+    if rt.device_type == "cuda":
+        available = torch.cuda.get_device_properties(rt.device).total_memory
+    else:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > available:
+        raise UserError(f"a model of {parameters:.3g} parameters (--n_layer {config['n_layer']}, --n_embd {n_embd}) "
+                        f"needs {needed / 2**30:,.1f} GB for its weights, gradients and optimizer state alone, and "
+                        f"{rt.device} has {available / 2**30:,.1f} GB: lower --n_layer or --n_embd")
 
 
 def resumed_model(config: dict, dataset: Dataset) -> tuple[GPT, dict]:
@@ -88,8 +135,10 @@ def resumed_model(config: dict, dataset: Dataset) -> tuple[GPT, dict]:
 # ------------------------------------------------------------------ one step, one evaluation
 
 @torch.no_grad()
-def estimate_loss(model: GPT, dataset: Dataset, config: dict, rt: Runtime) -> dict[str, float]:
-    """Mean loss over eval_iters batches per split; the same batches every time, so evals compare."""
+def estimate_loss(model: GPT, dataset: Dataset, config: dict, rt: Runtime,
+                  stopping: Callable[[], bool] = lambda: False) -> dict[str, float] | None:
+    """Mean loss over eval_iters batches per split; the same batches every time, so evals compare.
+    None when `stopping` says so before a batch (Ctrl-C or SIGTERM): a long evaluation stops within one batch."""
     model.tie_unused_rows()  # evaluation runs the whole head
     model.eval()
     losses = {}
@@ -97,6 +146,9 @@ def estimate_loss(model: GPT, dataset: Dataset, config: dict, rt: Runtime) -> di
         generator = torch.Generator().manual_seed(config["seed"])
         total = 0.0
         for _ in range(config["eval_iters"]):
+            if stopping():
+                model.train()
+                return None
             x, y = dataset.get_batch(split, config["batch_size"], config["block_size"], generator, rt.device)
             with rt.autocast():
                 _, loss = model(x, y)
@@ -115,28 +167,54 @@ class MetricsLog:
         self.path = out_dir / "metrics.jsonl" if rt.master else None
         self.run = None
         self.start = time.monotonic()  # each record's "seconds": wall time of this process, compiling included
-        if self.path and fresh:
-            self.path.unlink(missing_ok=True)  # a new run's curves must not mix with an old one's
+        # A new run's curves must not mix with an old one's, but the old ones stay until this run has saved a
+        # checkpoint to replace that run's model with: until then the records go to a temporary file.
+        self.pending = temp_path(self.path) if self.path and fresh else None
+        if self.pending:
+            self.pending.unlink(missing_ok=True)
         if self.path and config["wandb_log"]:
             import wandb
-            mode = wandb_mode()
-            self.run = wandb.init(project=config["wandb_project"], name=config["wandb_run_name"] or
-                                  f"{config['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}", config=config,
-                                  mode=mode, dir=str(out_dir))
+            mode, why = wandb_mode(), "no login found"
+            if mode == "online":
+                unreachable = wandb_unreachable()
+                if unreachable:
+                    mode, why = "offline", f"cannot reach {unreachable}"
+            arguments = dict(project=config["wandb_project"], name=config["wandb_run_name"] or
+                             f"{config['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}", config=config, dir=str(out_dir))
+            try:
+                online = dict(settings=wandb.Settings(init_timeout=WANDB_TIMEOUT)) if mode == "online" else {}
+                self.run = wandb.init(**arguments, mode=mode, **online)
+            except Exception as e:  # the server answered but would not start the run (a bad key, a timeout, ...)
+                if mode != "online":
+                    raise
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+                mode, why = "offline", f"the server refused the run ({first})"
+                self.run = wandb.init(**arguments, mode=mode)
             if mode == "offline":
-                print(f"wandb: no login found, logging offline; upload later with: "
+                print(f"wandb: {why}, logging offline; upload later with: "
                       f"wandb sync {self.run.dir.rsplit('/files', 1)[0]}")
 
     def log(self, record: dict) -> None:
         record = dict(record, seconds=round(time.monotonic() - self.start, 1))
         if self.path:
-            with open(self.path, "a", encoding="utf-8") as f:
+            with open(self.pending or self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
         if self.run is not None:
             self.run.log(record, step=record["iter"])
 
+    def saved(self) -> None:
+        """A checkpoint of this run is on disk: its records replace the previous run's metrics.jsonl now."""
+        if self.pending:
+            if self.pending.exists():
+                os.replace(self.pending, self.path)
+            else:
+                self.path.unlink(missing_ok=True)
+            self.pending = None
+
     def close(self) -> None:
-        if self.path and self.path.exists():
+        if self.pending:  # nothing was saved: the previous run's metrics.jsonl and loss.png stay as they were
+            self.pending.unlink(missing_ok=True)
+        elif self.path and self.path.exists():
             plot_losses(self.path)
         if self.run is not None:
             self.run.finish()
@@ -153,6 +231,18 @@ def wandb_mode() -> str:
         return "online" if netrc.netrc().authenticators("api.wandb.ai") else "offline"
     except (OSError, netrc.NetrcParseError):
         return "offline"
+
+
+def wandb_unreachable(timeout: float = 3.0) -> str | None:
+    """None when wandb's server (WANDB_BASE_URL, else api.wandb.ai) takes a connection within timeout seconds,
+    else the address and the reason: a run then logs offline at once instead of waiting minutes for it."""
+    url = urllib.parse.urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    host, port = url.hostname or "api.wandb.ai", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return None
+    except OSError as e:
+        return f"{host}:{port} ({e.strerror or e})"
 
 
 def plot_losses(metrics_path: Path) -> None:
@@ -181,12 +271,13 @@ class StopRequest:
 
     def __init__(self, master: bool):
         self.requested, self.master = False, master
+        self.signal = signal.SIGINT  # the first one received: the exit status says which (130 or 143)
         self.old = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def handle(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signal = True, signal.Signals(signum)
         if self.master:
             print(f"\n{signal.Signals(signum).name}: finishing this step, then saving (Ctrl-C again to quit now)")
 
@@ -300,10 +391,16 @@ def setup_run(config: dict, rt: Runtime, stack: ExitStack) -> Run:
     dataset = open_dataset(config["data_dir"], config["dataset"], config["block_size"])
     if rt.ddp and rt.master:
         torch.distributed.barrier()
+    data, out = dataset.folder.resolve(), out_dir.resolve()
+    if out == data or data in out.parents:
+        raise UserError(f"--out_dir {out_dir} and the dataset folder {dataset.folder} overlap; prepare.py owns the "
+                        f"dataset folder, so write the run elsewhere: --out_dir=out-{config['dataset']}")
     if rt.master:
         stack.enter_context(FolderLock(dataset.folder, "training", shared=True))
     if (config["batch_size"] * config["gradient_accumulation_steps"]) % rt.world_size:
         raise UserError(f"batch_size x gradient_accumulation_steps must be divisible by the {rt.world_size} processes")
+    if config["init_from"] == "scratch":
+        check_model_fits(config, dataset.tokenizer.vocab_size, rt)
     checkpoint = None
     if config["init_from"] == "resume":
         model, checkpoint = resumed_model(config, dataset)
@@ -340,14 +437,18 @@ def setup_run(config: dict, rt: Runtime, stack: ExitStack) -> Run:
 def save(run: Run, name: str, full: bool) -> None:
     if run.rt.master:
         atomic_torch_save(run.state(full), run.out_dir / name)
+        run.log.saved()
 
 
-def evaluate_and_save(run: Run) -> dict[str, float]:
-    """Estimate the losses, log them, keep the best checkpoint and the latest training state."""
+def evaluate_and_save(run: Run, stopping: Callable[[], bool] = lambda: False) -> dict[str, float] | None:
+    """Estimate the losses, log them, keep the best checkpoint and the latest training state; None when
+    stopped during the evaluation (nothing logged or saved then)."""
     if run.dataset.fingerprint() != run.fingerprint:
         raise UserError(f"{run.dataset.folder} was prepared again during training; stopped (the last good "
                         "checkpoint is kept). Prepare new data under another --name while a run uses it")
-    losses = estimate_loss(run.raw_model, run.dataset, run.config, run.rt)
+    losses = estimate_loss(run.raw_model, run.dataset, run.config, run.rt, stopping)
+    if losses is None:
+        return None
     if not all(map(math.isfinite, losses.values())):
         raise FloatingPointError(f"the loss became {losses['train']} at iteration {run.iter_num}")
     val = losses["val"]
@@ -495,7 +596,7 @@ def train(config: dict) -> dict:
     rt = init_runtime(config["device"], config["dtype"], config["compile"], seed=config["seed"])
     config = fit_memory(config, rt)
     curve = schedule(config)
-    losses, stopped = {}, False
+    losses, stopped, run = {}, None, None
     try:
         with ExitStack() as stack:
             run = setup_run(config, rt, stack)
@@ -505,12 +606,18 @@ def train(config: dict) -> dict:
             micro_batch = config["batch_size"]
             loss_sum, t0, timed_iters = torch.zeros((), device=rt.device), time.time(), 0
             while True:
+                evaluated = False
                 if run.iter_num % config["eval_interval"] == 0 or run.iter_num >= run.max_iters:
                     eval_start = planner.clock()
-                    losses = evaluate_and_save(run)
+                    losses = evaluate_and_save(run, lambda: stop.requested) or losses
                     eval_seconds = planner.clock() - eval_start
                     planner.after_eval(run, eval_seconds)
                     t0 += eval_seconds  # evaluation time is not training speed
+                    evaluated = True
+                # every rank evaluates at the same iteration, so they can agree on stopping right after it
+                if evaluated and stop.agreed(rt):
+                    stopped = stop_and_save(run, stop)
+                    break
                 if run.iter_num >= run.max_iters or memorising(run):
                     break
                 factor = lr_factor(run.iter_num, curve, run.max_iters)
@@ -530,23 +637,70 @@ def train(config: dict) -> dict:
                     t0, timed_iters = time.time(), 0
                 # under torchrun the ranks agree on stopping at log intervals only: it costs a sync
                 if (at_log or not rt.ddp) and stop.agreed(rt):
-                    save(run, "last.pt", full=True)
-                    if rt.master:
-                        print(f"saved {run.out_dir / 'last.pt'} at iteration {run.iter_num}; resume with:\n"
-                              f"  python {' '.join(sys.argv)} --init_from=resume")
-                    stopped = True
+                    stopped = stop_and_save(run, stop)
                     break
             if rt.ddp:
                 check_ranks_in_sync(run.raw_model, rt.master)
                 # every rank done before any tears gloo down: otherwise one sometimes aborted at exit
                 # ("terminate called without an active exception", 2 runs in 22 of the torchrun test)
                 torch.distributed.barrier()
+    except FloatingPointError as e:
+        raise FloatingPointError(f"{e}; training stopped, the last good checkpoint is kept. "
+                                 f"{divergence_advice(config, rt)}") from None
+    except (RuntimeError, MemoryError) as e:
+        short = out_of_memory(e)
+        if short is None:
+            raise
+        raise UserError(f"{short} at iteration {run.iter_num if run else 0} on {rt.device}: lower "
+                        f"--batch_size (now {config['batch_size']}) or --block_size (now {config['block_size']}), or "
+                        f"train a smaller model (--n_layer {config['n_layer']}, --n_embd {config['n_embd']}); "
+                        "--estimate_memory says what a setting needs") from None
     finally:
         if rt.ddp:
             torch.distributed.destroy_process_group()
     return {"iter_num": run.iter_num, "max_iters": run.max_iters, "best_val_loss": run.best_val_loss,
             "best_iter": run.best_iter,
             "train_loss": losses.get("train"), "val_loss": losses.get("val"), "stopped": stopped}
+
+
+def stop_and_save(run: Run, stop: StopRequest) -> signal.Signals:
+    """Save last.pt on a Ctrl-C or SIGTERM and print the command that resumes; returns the signal."""
+    if run.iter_num == 0:  # nothing trained yet: no state worth replacing the out_dir's files with
+        if run.rt.master:
+            print("stopped before the first step; nothing saved")
+        return stop.signal
+    save(run, "last.pt", full=True)
+    if run.rt.master:
+        print(f"saved {run.out_dir / 'last.pt'} at iteration {run.iter_num}; resume with:\n  {resume_command(sys.argv)}")
+    return stop.signal
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that resumes this run: the same one, with its own --init_from (and --overwrite) left out."""
+    kept, i = [], 1
+    while i < len(argv):
+        arg = argv[i]
+        name, has_value, _ = arg.partition("=")
+        i += 1
+        if name in ("--init_from", "--pretrained_model", "--overwrite"):
+            # the value is the next word unless given with =; a bare --overwrite takes one only if it is a bool word
+            if not has_value and i < len(argv) and (name != "--overwrite" or argv[i] in ("True", "true", "False", "false")):
+                i += 1
+            continue
+        kept.append(arg)
+    return shlex.join(["python", os.path.basename(argv[0]), *kept, "--init_from=resume"])
+
+
+def divergence_advice(config: dict, rt: Runtime) -> str:
+    """What to change after the loss became NaN or infinite; a precision is advised only if the run is not using it."""
+    rates = f"Lower --learning_rate (now {config['learning_rate']:g})"
+    if config["optimizer"] == "muon":
+        rates += f" or --muon_lr (now {config['muon_lr']:g})"
+    if rt.dtype_name == "float16":
+        return f"{rates}, or use --dtype=bfloat16 (or float32): float16 overflows easily"
+    if rt.dtype_name == "bfloat16":
+        return f"{rates}, or use --dtype=float32"
+    return f"{rates}, or raise --warmup_iters (now {config['warmup_iters']})"
 
 
 def check_ranks_in_sync(model: GPT, master: bool) -> None:
@@ -574,12 +728,14 @@ def main(argv: list[str] | None = None) -> None:
         result = train(config)
         if chinese and not result["stopped"] and os.environ.get("RANK", "0") == "0":
             print(f"exported the best model to {chinese.export(config['out_dir'])} (GPT2-Chinese's final_model)")
-    except UserError as e:
+    except (UserError, FloatingPointError) as e:
         exit_with_error(e)
-    except FloatingPointError as e:
-        exit_with_error(f"{e}; training stopped, the last good checkpoint is kept. "
-                        "Lower --learning_rate or use --dtype=bfloat16/float32")
-    if not result["stopped"] and result["val_loss"] is not None:
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once
+        print("\ninterrupted", file=sys.stderr)
+        raise SystemExit(130)
+    if result["stopped"]:
+        raise SystemExit(128 + result["stopped"])  # 130 after Ctrl-C (SIGINT), 143 after SIGTERM, as shells expect
+    if result["val_loss"] is not None:
         print(f"done: {result['iter_num']} iterations, final val loss {result['val_loss']:.4f}, "
               f"best {result['best_val_loss']:.4f}")
 

@@ -5,6 +5,7 @@ here too, so no script imports another.
 from __future__ import annotations
 
 from configurator import Options, UserError
+from files import check_path_names
 from memory import TrainingShape
 from model import GPTConfig
 from optim import OptimizerSettings, Schedule
@@ -100,6 +101,9 @@ def check_config(config: dict) -> None:
     for key in ("dataset", "out_dir", "data_dir"):
         if not config[key]:
             raise UserError(f"--{key} must not be empty")
+        check_path_names(config[key], f"--{key}")
+    if config["seed"] < 0 or config["seed"] >= 2**63:
+        raise UserError(f"--seed must be in 0..2**63-1, got {config['seed']}")
 
 
 def gpt_config(config: dict, vocab_size: int) -> GPTConfig:
