@@ -12,7 +12,6 @@ Timings on a shared machine are noisy: run it on an idle one for figures to quot
 """
 
 import gc
-import json
 import math
 import os
 import subprocess
@@ -26,13 +25,15 @@ import numpy as np
 import torch
 
 from engine import Engine
+from mixture import Memory
 from configurator import UserError
-from model import GPT, GPTConfig, peak_flops_for
+from dataset import load_meta, vocab_size_of
+from model import GPT, GPTConfig
 from quant import quantize_int8
-from runtime import Runtime, cpu_has_bf16, init_runtime
+from runtime import Runtime, cpu_has_bf16, init_runtime, peak_flops_for
 from tokenizer import DEFAULT_VOCAB_SIZE
-import train
 from optim import make_optimizers, train_step
+from trainsettings import DEFAULTS, TYPES, check_config, gpt_config, optimizer_settings, training_shape
 
 # our users' GPT2-Chinese model, and a small one that trains quickly on a CPU
 USERS_MODEL = GPTConfig(block_size=512, vocab_size=DEFAULT_VOCAB_SIZE, n_layer=10, n_head=12, n_embd=768)
@@ -92,7 +93,8 @@ def bench_train_step(argv: list[str]) -> None:
         del reference, ref_optimizer
 
         ours = GPT(config).train()
-        optimizer = make_optimizers(ours, dict(train.DEFAULTS, optimizer="adamw", learning_rate=6e-4), "cpu")[0]
+        optimizer = make_optimizers(ours, optimizer_settings(dict(DEFAULTS, optimizer="adamw", learning_rate=6e-4)),
+                                    "cpu")[0]
         eager_s = seconds_per_call(train_step_fn(ours, optimizer, x, y, bf16, hf=False), 1, 3)
         compiled_s = seconds_per_call(train_step_fn(torch.compile(ours), optimizer, x, y, bf16, hf=False), 2, 3)
 
@@ -153,7 +155,7 @@ def decode_models(config: GPTConfig, device: str) -> dict[str, Callable[[], torc
 
 
 def time_decode(model: torch.nn.Module, batch_size: int, prompt_len: int, new_tokens: int,
-                memory: "Memory | None" = None) -> float:
+                memory: Memory | None = None) -> float:
     """ms per decode step (one new token in every row) of ours through Engine, or of transformers' generate
     with its KV cache; sampling top_k 40."""
     device = next(model.parameters()).device
@@ -246,7 +248,7 @@ def bench_decode_busy(prompt_len: int, new_tokens: int) -> None:
 def bench_tokenize(argv: list[str]) -> None:
     """Tokenizing rate on a synthetic 7.65M-character novel (our users' corpus size), and all of prepare.py."""
     import tempfile
-    from dataset import count_characters, prepare
+    from preparing import count_characters, prepare
     from tokenizer import Tokenizer, common_characters
     rng = np.random.default_rng(0)
     hanzi = [c for c in common_characters() if "\u4e00" <= c <= "\u9fff"][:3000]
@@ -280,17 +282,15 @@ def bench_tokenize(argv: list[str]) -> None:
 def bench_train(argv: list[str]) -> None:
     """tokens/s, ms/iter, MFU and peak memory of train.py's step for a config, on random tokens."""
     from configurator import get_config
-    config = get_config(train.DEFAULTS, argv, types=train.TYPES)
-    train.check_config(config)
+    config = get_config(DEFAULTS, argv, types=TYPES)
+    check_config(config)
     rt = init_runtime(config["device"], config["dtype"], config["compile"], seed=config["seed"])
     device, device_type = rt.device, rt.device_type
-    model = GPT(GPTConfig(block_size=config["block_size"], vocab_size=DEFAULT_VOCAB_SIZE, n_layer=config["n_layer"],
-                          n_head=config["n_head"], n_embd=config["n_embd"], dropout=config["dropout"],
-                          bias=config["bias"])).to(device)
+    model = GPT(gpt_config(config, DEFAULT_VOCAB_SIZE)).to(device)
     # a from-scratch run on 红楼梦 trains the head on the 4,343 tokens the text uses (train.py's used_vocab_head)
     used = torch.arange(4343 if config["used_vocab_head"] else DEFAULT_VOCAB_SIZE, device=device)
     model.train_head_on(used)
-    optimizers = make_optimizers(model, config, device_type)
+    optimizers = make_optimizers(model, optimizer_settings(config), device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=rt.dtype == torch.float16)
     step_model = torch.compile(model) if rt.compile else model
     batch, block, accumulation = config["batch_size"], config["block_size"], config["gradient_accumulation_steps"]
@@ -314,7 +314,7 @@ def bench_train(argv: list[str]) -> None:
             f"{' compiled' if rt.compile else ''}, batch {batch} x {block} x {accumulation} accumulation: "
             f"{seconds * 1e3:.0f} ms/iter, {tokens_per_s:,.0f} tokens/s (first step {first_s:.1f} s)")
     if device_type == "cuda":
-        peak = config["peak_flops"] or None
+        peak = config["peak_flops"] or peak_flops_for(torch.cuda.get_device_name())
         line += (f", MFU {100 * model.estimate_mfu(batch * accumulation, seconds, peak):.1f}%, "
                  f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GB")
     print(line)
@@ -328,10 +328,8 @@ def gpu_steps(config: dict, rt: Runtime, compiled: bool, batches: Callable[[int]
               ) -> tuple[GPT, float, int, int]:
     """Train a fresh model for config's warm-up and timed steps; (model, seconds per step, peak allocated and
     reserved bytes over the timed steps)."""
-    model = GPT(GPTConfig(block_size=config["block_size"], vocab_size=config["vocab_size"],
-                          n_layer=config["n_layer"], n_head=config["n_head"], n_embd=config["n_embd"],
-                          dropout=config["dropout"], bias=config["bias"])).to(rt.device)
-    optimizers = make_optimizers(model, config, rt.device_type)
+    model = GPT(gpt_config(config, config["vocab_size"])).to(rt.device)
+    optimizers = make_optimizers(model, optimizer_settings(config), rt.device_type)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)
     step_model = torch.compile(model) if compiled else model
     rows = config["batch_size"] * config["gradient_accumulation_steps"]
@@ -386,7 +384,7 @@ def gpu_mode_line(config: dict, rt: Runtime, compiled: bool, train_tokens: int,
     """Train eager or compiled and describe it: speed, MFU, peak memory beside the estimate, time per epoch."""
     import memory
     label = "compiled" if compiled else "eager   "
-    est = memory.estimate_memory(config, config["vocab_size"], "cuda", rt.dtype_name, compiled)
+    est = memory.estimate_memory(training_shape(config, config["vocab_size"]), "cuda", rt.dtype_name, compiled)
     try:
         model, seconds, allocated, reserved = gpu_steps(config, rt, compiled, batches)
     except torch.cuda.OutOfMemoryError:
@@ -413,21 +411,21 @@ def bench_gpu(argv: list[str]) -> int:
         print("bench.py gpu: needs a CUDA GPU (torch.cuda.is_available() is False here)", file=sys.stderr)
         return 2
     from configurator import get_config
-    import memory
     if all(arg.startswith("--") for arg in argv):  # no config file given: our users' model
         argv = [str(Path(__file__).resolve().parent / "config" / "novel_small.py"), *argv]
-    config = get_config(dict(train.DEFAULTS, iters=300, warmup_steps=10, memory_budget_gb=0.0), argv,
-                        types=train.TYPES)
-    train.check_config(config)
+    options = DEFAULTS.with_more(iters=(300, "timed steps"), warmup_steps=(10, "untimed steps before them"),
+                                 memory_budget_gb=(0.0, "emulate a card of this many GB on a bigger GPU; 0 = off"))
+    config = get_config(options, argv, types=TYPES)
+    check_config(config)
     rt = init_runtime(config["device"], config["dtype"], None, seed=config["seed"])
     try:
         budget_line = emulate_budget(config["memory_budget_gb"]) if config["memory_budget_gb"] > 0 else ""
     except UserError as e:
         print(f"bench.py gpu: {e}", file=sys.stderr)
         return 2
-    config["vocab_size"] = memory.vocab_size_of(config)
-    meta_path = Path(config["data_dir"]) / config["dataset"] / "meta.json"
-    train_tokens = json.loads(meta_path.read_text(encoding="utf-8"))["train_tokens"] if meta_path.exists() else 0
+    folder = Path(config["data_dir"]) / config["dataset"]
+    config["vocab_size"] = vocab_size_of(folder)
+    train_tokens = load_meta(folder)["train_tokens"] if (folder / "meta.json").exists() else 0
     generator = torch.Generator(device=rt.device).manual_seed(0)
 
     def batches(rows: int) -> tuple[torch.Tensor, torch.Tensor]:  # random tokens: the speed does not depend on them
@@ -482,7 +480,6 @@ def ngram_build_in_child(tokens: int) -> tuple[float, float]:
 def bench_memory(argv: list[str]) -> None:
     """The memory's cost: building the n-gram for a 7.65M-character corpus (seconds, peak memory; --big: also
     100M), one query, and decoding our users' model at batch 1 and 8 with and without the mixture."""
-    from mixture import Memory
     from ngram import modified_kneser_ney
     from preparing import prepare_default_corpus
     print(f"memory: {cpu_flags()}, {torch.get_num_threads()} threads")

@@ -13,14 +13,13 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from configurator import UserError
 from hf import folder_tokenizer, load_hf_gpt2
 from model import GPT
-from quant import apply_quantization, check_quantize_mode
 from tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -43,8 +42,8 @@ def read_checkpoint(path: str | Path) -> dict:
     except FileNotFoundError:
         raise UserError(f"no checkpoint at {path}") from None
     except Exception:  # truncated, not a zip, pickled code, ...: torch's own advice (weights_only=False) is unsafe
-        raise UserError(f"cannot load {path}: it is corrupt or was not written by train.py; "
-                        "use another checkpoint or train again") from None
+        raise UserError(f"cannot load {path}: it is damaged (corrupt or was not written by train.py; code in it is "
+                        "never run); use another checkpoint or train again") from None
     missing = [k for k in ("model", "model_args", "vocab") if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing:
         raise UserError(f"{path} is not a checkpoint written by train.py (it has no {', '.join(missing)})")
@@ -54,10 +53,25 @@ def read_checkpoint(path: str | Path) -> dict:
 def model_from_checkpoint(checkpoint: dict, path: str | Path) -> tuple[GPT, Tokenizer]:
     """The GPT and Tokenizer stored in a checkpoint dict."""
     try:
-        return GPT.from_state_dict(checkpoint["model_args"], checkpoint["model"]), Tokenizer.from_meta(checkpoint["vocab"])
-    except (TypeError, ValueError, RuntimeError) as e:
+        model = GPT.from_state_dict(checkpoint["model_args"], checkpoint["model"])
+        tok = Tokenizer.from_meta(checkpoint["vocab"])
+    except (TypeError, ValueError, RuntimeError, KeyError, AttributeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise UserError(f"cannot load the model in {path}: {first}") from None
+        raise UserError(f"cannot load the model in {path}: it is damaged ({first}); use another checkpoint or "
+                        "train again") from None
+    if model.config.vocab_size != tok.vocab_size:
+        raise UserError(f"{path} is damaged: its model has {model.config.vocab_size} tokens but its vocabulary "
+                        f"{tok.vocab_size}; use another checkpoint or train again")
+    check_finite(model, str(path), "use another checkpoint or train again")
+    return model, tok
+
+
+def check_finite(model: torch.nn.Module, name: str, fix: str) -> None:
+    """Refuse a model with a NaN or infinite weight (it could only ever generate garbage or fail to sample)."""
+    for key, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise UserError(f"{name} is damaged: {bad:,} weight(s) of {key} are NaN or infinite; {fix}")
 
 
 def vocab_from_file(path: str) -> Tokenizer:
@@ -77,7 +91,7 @@ def vocab_difference(a: Tokenizer, b: Tokenizer) -> str | None:
     for i, (x, y) in enumerate(zip(a.itos, b.itos)):
         if x != y:
             return f"first difference at id {i}: {y!r} against {x!r}"
-    return f"{a.vocab_size} tokens against {b.vocab_size}"
+    return f"{b.vocab_size:,} tokens against {a.vocab_size:,}"  # the other's first, as in the id case
 
 
 def check_vocab(model_tok: Tokenizer, model_name: str, other: Tokenizer, other_name: str, fix: str) -> None:
@@ -88,12 +102,12 @@ def check_vocab(model_tok: Tokenizer, model_name: str, other: Tokenizer, other_n
                         f"{other.fingerprint} and {model_tok.fingerprint}): {fix}")
 
 
-def fine_tune_vocab(folder: str, dataset: "Dataset", vocab: str = "") -> Tokenizer:
+def fine_tune_vocab(folder: str, dataset: "Dataset") -> Tokenizer:
     """The vocabulary to train a Hugging Face folder's model on dataset with: the dataset's, once checked to
-    be the folder's (its vocab.txt, or vocab), carrying the folder's metadata (tokenizer_class) on."""
+    be the folder's (its vocab.txt), carrying the folder's metadata (tokenizer_class) on."""
     data_tok = dataset.tokenizer
     try:
-        model_tok = folder_tokenizer(folder, vocab)
+        model_tok = folder_tokenizer(folder)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read the vocabulary of {folder}: {e}") from None
     if model_tok is None:
@@ -104,8 +118,8 @@ def fine_tune_vocab(folder: str, dataset: "Dataset", vocab: str = "") -> Tokeniz
         print(f"note: {folder} has no vocab.txt; taking {source}, which {dataset.folder} was prepared with, "
               "as the model's vocabulary", file=sys.stderr)
         return data_tok
-    where = vocab or os.path.join(folder, "vocab.txt")
-    check_vocab(model_tok, folder, data_tok, str(dataset.folder), dataset.prepare_command(where))
+    command = dataset.prepare_command(os.path.join(folder, "vocab.txt"))
+    check_vocab(model_tok, folder, data_tok, str(dataset.folder), command)
     return data_tok.with_settings(hf_metadata=model_tok.hf_metadata or data_tok.hf_metadata)
 
 
@@ -154,38 +168,47 @@ def resolve_source(source: str, newest_fallback: bool = False) -> str:
     raise UserError(f"no checkpoint at {best}; {hint} (or --init_from a GPT2-Chinese model folder)")
 
 
+class LoadedModel(NamedTuple):
+    """What load_model returns; a checkpoint file is read once for all three."""
+    model: GPT
+    tokenizer: Tokenizer
+    metadata: dict  # a .pt's entries but the weights (config: the training settings, iter_num...); {} for a folder
+
+
 def load_model(source: str, vocab: str = "", device: str = "cpu", dtype: torch.dtype = torch.float32,
-               newest_fallback: bool = False, quantize: str = "none") -> tuple[GPT, Tokenizer]:
-    """The model and tokenizer of a run folder (its ckpt.pt), a .pt file, or a HF / GPT2-Chinese folder,
-    in eval mode on device. vocab: the vocab.txt of a folder without one; for a .pt it must match.
-    quantize: "none", or "int8" for int8 weights in the blocks and the LM head (quant.py, CPU only)."""
-    check_quantize_mode(quantize, str(device))  # before the slow part
+               newest_fallback: bool = False) -> LoadedModel:
+    """The model, tokenizer and metadata of a run folder (its ckpt.pt), a .pt file, or a HF / GPT2-Chinese
+    folder, the model in eval mode on device. vocab: the vocab.txt of a folder without one; for a .pt it must
+    match. Quantising (quant.py) is the caller's choice."""
     path = resolve_source(source, newest_fallback)
+    metadata: dict = {}
     if os.path.isdir(path):
         model, tok = _load_hf_folder(path, vocab)
     else:
-        model, tok = model_from_checkpoint(read_checkpoint(path), path)
+        checkpoint = read_checkpoint(path)
+        model, tok = model_from_checkpoint(checkpoint, path)
+        metadata = {key: value for key, value in checkpoint.items() if key != "model"}
         if vocab:
             check_vocab(tok, path, vocab_from_file(vocab), vocab,
                         "leave --vocab out: the checkpoint carries its own vocabulary")
-    return apply_quantization(model.eval().to(device=device, dtype=dtype), quantize), tok
+    return LoadedModel(model.eval().to(device=device, dtype=dtype), tok, metadata)
 
 
 FOLDER_FIT_TOKENS = 16_384  # val characters a model folder's mixture is fitted on at start (seconds, not minutes)
 
 
-def load_memory(path: str, tok: Tokenizer, model: GPT, mode: str = "on", dataset: str = "", data_dir: str = ""
-                ) -> tuple["Memory | None", str]:
+def load_memory(path: str, metadata: dict, tok: Tokenizer, model: GPT, mode: str = "on", dataset: str = "",
+                data_dir: str = "") -> tuple["Memory | None", str]:
     """The novel's memory to mix into generation, and one line saying what was chosen. A run's checkpoint
     carries its weights (fitted by train.py or evaluate.py); a model folder gets weights fitted on the start of
-    the named dataset's val split; without a dataset the GPT runs alone."""
+    the named dataset's val split; without a dataset the GPT runs alone. metadata: load_model's."""
     from dataset import open_dataset  # here: the dataset module is only needed when a memory is asked for
     from mixture import DEFAULT_CACHE_SIZE, PARTS, Memory, fit_mixture
     from ngram import DEFAULT_ORDER, load_ngram
 
     if mode == "off":
         return None, "the GPT alone (--ngram=off)"
-    checkpoint = read_checkpoint(path) if str(path).endswith(".pt") else {}
+    checkpoint = metadata
     trained_on = checkpoint.get("config", {})
     name, data_dir = dataset or trained_on.get("dataset", ""), data_dir or trained_on.get("data_dir", "data")
     if not name:

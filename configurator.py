@@ -16,12 +16,14 @@ and exits with status 2 (the same status argparse uses for usage errors).
 
 import ast
 import difflib
+import math
 import os
 import sys
 import traceback
 from types import ModuleType
 from typing import NoReturn
 
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few settings; anything larger is not one
 BOOL_WORDS = {"True": True, "true": True, "False": False, "false": False}
 
 
@@ -33,9 +35,21 @@ ConfigError = UserError  # the name the scripts used before UserError covered ev
 
 
 def exit_with_error(message: object) -> NoReturn:
-    """Print a one-line error for the user and exit with status 2."""
-    print(f"error: {message}", file=sys.stderr)
+    """Print a one-line error for the user and exit with status 2 (text the terminal cannot show is escaped)."""
+    text = f"error: {message}"
+    encoding = getattr(sys.stderr, "encoding", None) or "utf-8"
+    print(text.encode(encoding, "backslashreplace").decode(encoding, "replace"), file=sys.stderr)
     raise SystemExit(2)
+
+
+def check_text(text: str, what: str) -> str:
+    """Refuse text that is not valid Unicode: bytes that were not UTF-8 (Python keeps them as lone surrogates)."""
+    for position, char in enumerate(text):
+        if "\ud800" <= char <= "\udfff":
+            byte = f"byte 0x{ord(char) - 0xDC00:02x}" if ord(char) >= 0xDC80 else "a lone surrogate"
+            raise UserError(f"{what} is not valid UTF-8 text ({byte} at character {position + 1}); "
+                            "give it in UTF-8 (check the terminal's or the file's encoding)")
+    return text
 
 
 def _unknown(name: str, valid: list[str], where: str) -> ConfigError:
@@ -62,12 +76,24 @@ def _checked(key: str, value: object, default: object, declared: type | None = N
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif kind is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
+        try:
+            value = float(value) if ok else value
+        except OverflowError:  # an int too large for a float
+            value = math.inf
     else:
         ok = isinstance(value, kind)
     if not ok:
         also = " (or None for auto)" if default is None else ""
-        raise ConfigError(f"{where}--{key} expects {_type_name(kind)}{also}, got {value!r}")
+        raise ConfigError(f"{where}--{key} expects {_type_name(kind)}{also}, got {value!r}"[:300])
+    # every number, whatever the key: NaN, infinity and integers past 64 bits reach no sensible setting, only a
+    # traceback deep inside (each script checks its own keys' ranges too)
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"{where}--{key} expects a finite number, got {value}")
+    if kind is int and not -2**63 <= value < 2**63:
+        raise ConfigError(f"{where}--{key} is out of range: a {value.bit_length()}-bit integer, past the 64 bits "
+                          "any setting fits in")
+    if kind is str:
+        check_text(value, f"{where}--{key}")
     return value
 
 
@@ -75,7 +101,7 @@ def _parse(key: str, raw: str, default: object, declared: type | None) -> object
     """Turn a command-line string into a value for key; a str key keeps the text as typed."""
     kind = type(default) if default is not None else declared
     if kind is str and not (default is None and raw == "None"):
-        return raw
+        return check_text(raw, f"--{key}")
     if kind is bool and raw in BOOL_WORDS:
         return BOOL_WORDS[raw]
     try:
@@ -88,6 +114,10 @@ def _parse(key: str, raw: str, default: object, declared: type | None) -> object
 def _read_config_file(path: str, defaults: dict, types: dict[str, type]) -> dict:
     """Run a config file in a fresh namespace and return the settings it makes."""
     try:
+        if not os.path.isfile(path) and os.path.exists(path):
+            raise ConfigError(f"config file {path} is not a regular file; give a .py file")
+        if os.path.getsize(path) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {path} is {os.path.getsize(path):,} bytes; a config is a short .py file")
         with open(path, encoding="utf-8") as f:
             source = f.read()
     except FileNotFoundError:
@@ -112,16 +142,37 @@ def _read_config_file(path: str, defaults: dict, types: dict[str, type]) -> dict
     return settings
 
 
+class Options(dict):
+    """A script's settings, written as key=(default, "one-line explanation"): a dict of the defaults whose
+    explanations --help prints beside them, so a key's meaning is written once, where it is defined."""
+
+    def __init__(self, **spec: tuple[object, str]):
+        super().__init__((key, default) for key, (default, _) in spec.items())
+        self.explanations = {key: text for key, (_, text) in spec.items()}
+
+    def with_more(self, **spec: tuple[object, str]) -> "Options":
+        """These options and more (a subcommand's own)."""
+        return Options(**{key: (default, self.explanations[key]) for key, default in self.items()}, **spec)
+
+
 def _print_help(defaults: dict, aliases: dict[str, str], positional: str | None = None) -> None:
     main_doc = (getattr(sys.modules.get("__main__"), "__doc__", None) or "").strip()
     if main_doc:
         print(main_doc.splitlines()[0] + "\n")
     first = f"[{positional}]" if positional else "[config.py ...]"
     print(f"usage: python {os.path.basename(sys.argv[0])} {first} [--key=value | --key value | --flag ...]\n")
+    print_options(defaults, aliases)
+
+
+def print_options(defaults: dict, aliases: dict[str, str] | None = None) -> None:
+    """--help's list: each key with its default and, for Options, its explanation; then the aliases."""
     print("options (default):")
     width = max((len(k) for k in defaults), default=0) + 2
-    for key, default in defaults.items():
-        print(f"  --{key:<{width}} {default!r}")
+    explanations = getattr(defaults, "explanations", {})
+    shown = {key: repr(default) for key, default in defaults.items()}
+    value_width = min(max((len(v) for v in shown.values()), default=0), 16)  # a long default pushes only its line
+    for key, value in shown.items():
+        print(f"  --{key:<{width}} {value:<{value_width}}  {explanations.get(key, '')}".rstrip())
     if aliases:
         print("\naliases:")
         for alias, key in aliases.items():

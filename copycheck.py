@@ -13,16 +13,17 @@ place it occurs, so the spans found are exact: a hash collision can cost time, n
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from configurator import UserError, exit_with_error, get_config
+from configurator import Options, UserError, exit_with_error, get_config
+from dataset import load_meta
 from tokenizer import Tokenizer
 
 GRAM = 8  # window length of the index; the shortest min_copy it can answer
@@ -79,7 +80,7 @@ def build_index(train: np.ndarray, folder: Path = Path(".")) -> CopyIndex:
 def _dataset_tokens(folder: Path) -> np.ndarray:
     """train.bin of a prepared dataset folder, memory-mapped with the dtype its meta.json names."""
     try:
-        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        meta = load_meta(folder)
         return np.memmap(folder / "train.bin", dtype=np.dtype(meta.get("dtype", "uint16")), mode="r")
     except FileNotFoundError as e:
         raise UserError(f"{folder} is not a prepared dataset ({Path(e.filename).name} is missing); "
@@ -102,9 +103,14 @@ def load_copy_index(folder: str | Path) -> CopyIndex:
     path = cache_path(folder)
     try:
         with np.load(path, allow_pickle=False) as cached:
-            if np.array_equal(cached["stamp"], stamp):
-                return CopyIndex(train, cached["hashes"], cached["starts"], folder)
-    except (OSError, KeyError, ValueError):  # no cache yet, or a damaged one: build it again
+            hashes, starts = cached["hashes"], cached["starts"]
+            windows = max(0, len(train) - GRAM + 1)
+            # a damaged cache with a right stamp must not reach the search, where a wrong start is an IndexError
+            whole = (hashes.shape == starts.shape == (windows,) and np.issubdtype(starts.dtype, np.integer)
+                     and (windows == 0 or int(starts.max()) < windows))
+            if np.array_equal(cached["stamp"], stamp) and whole:
+                return CopyIndex(train, hashes, starts, folder)
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):  # none yet, or a damaged one: build it again
         pass
     index = build_index(train, folder)
     tmp = folder / f"{CACHE_PREFIX}.{os.getpid()}.tmp.npz"
@@ -186,29 +192,23 @@ def copy_summary(text: str, tok: Tokenizer, index: CopyIndex, min_copy: int = DE
             f"{copies.share:.0%} of the text lies in copied spans of {min_copy}+ characters")
 
 
-def checkpoint_dataset(path: str | Path) -> Path | None:
-    """The dataset folder a train.py checkpoint (.pt) was trained on, from its config; None if it names none."""
-    import torch  # here, not at the top: the index itself needs only numpy
-
-    if not os.path.isfile(path):  # a Hugging Face / GPT2-Chinese folder records no training data
-        return None
-    try:  # mmap: the config is read without reading the weights
-        config = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("config") or {}
-    except Exception:  # the model loader has said what is wrong with the file already
-        return None
+def trained_dataset(metadata: dict) -> Path | None:
+    """The dataset folder a checkpoint was trained on, from its metadata's config (checkpoint.load_model); None
+    if it names none, as a Hugging Face / GPT2-Chinese folder does not."""
+    config = metadata.get("config") or {}
     if not config.get("dataset"):
         return None
     return Path(config.get("data_dir") or "data") / str(config["dataset"])
 
 
-def copy_index_for(path: str | Path, tok: Tokenizer) -> tuple[CopyIndex | None, str]:
-    """The copy index of the training text of the checkpoint at path, and a line saying what is checked
-    (or why nothing is). The index is built and cached on first use."""
-    folder = checkpoint_dataset(path)
+def copy_index_for(metadata: dict, source: str | Path, tok: Tokenizer) -> tuple[CopyIndex | None, str]:
+    """The copy index of the training text of the checkpoint read from source (its metadata), and a line saying
+    what is checked (or why nothing is). The index is built and cached on first use."""
+    folder = trained_dataset(metadata)
     if folder is None:
-        return None, f"copy check off: {path} does not name the dataset it was trained on"
+        return None, f"copy check off: {source} does not name the dataset it was trained on"
     try:
-        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        meta = load_meta(folder)
     except (OSError, ValueError):
         return None, f"copy check off: the training data, {folder}, is not here (run from the folder you trained in)"
     if meta.get("itos") != tok.itos:
@@ -222,7 +222,10 @@ def copy_index_for(path: str | Path, tok: Tokenizer) -> tuple[CopyIndex | None, 
 
 def main(argv: list[str] | None = None) -> None:
     """Build a dataset's index and time it; with --text, check a text against it."""
-    defaults = dict(dataset="hongloumeng", data_dir="data", text="", min_copy=DEFAULT_MIN_COPY)
+    defaults = Options(dataset=("hongloumeng", "the dataset whose training text is indexed"),
+                       data_dir=("data", "parent folder of the prepared datasets"),
+                       text=("", "a text to check against it, or FILE:path"),
+                       min_copy=(DEFAULT_MIN_COPY, "the shortest span reported, in characters"))
     try:
         config = get_config(defaults, argv)
         folder = Path(config["data_dir"]) / config["dataset"]
@@ -237,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
                     text = Path(text[5:]).read_text(encoding="utf-8")
                 except (OSError, UnicodeDecodeError) as e:
                     raise UserError(f"cannot read {text[5:]} as UTF-8 text: {e}") from None
-            meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+            meta = load_meta(folder)
             print(copy_summary(text, Tokenizer.from_meta(meta), index, config["min_copy"]))
     except UserError as e:
         exit_with_error(e)

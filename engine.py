@@ -9,7 +9,7 @@ one (B,) tensor of new tokens per step, which streaming needs anyway.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -20,28 +20,62 @@ from model import GPT, KVCache
 from tokenizer import Tokenizer
 
 
+MAX_SAMPLES = 4096  # samples generated together as one batch, at most
+
+
+def option(default: object, explanation: str, low: float | None = None, rule: str = "", above: bool = False,
+           high: float | None = None, request_high: float | None = None, least: float | None = None) -> object:
+    """A SamplingSettings field: its default, its --help line, and its bounds: at least low (above low when
+    `above`), at most high and, other than 0, at least `least`, said as "must be <rule>"; request_high is the
+    most a request to serve.py may ask where the command line allows more."""
+    return field(default=default, metadata=dict(explanation=explanation, low=low, above=above, high=high,
+                                                rule=rule, request_high=request_high, least=least))
+
+
 @dataclass
 class SamplingSettings:
-    max_new_tokens: int = 500  # tokens (characters) per sample
-    temperature: float = 1.0  # 0: always the most likely token
-    top_k: int = 8  # 0 = off; 8 is GPT2-Chinese's default
-    top_p: float = 1.0  # nucleus sampling in (0, 1]; 1 = off
-    repetition_penalty: float = 1.0  # > 1 makes tokens already in the text less likely
-    num_samples: int = 1  # generated together as one batch
-    seed: int | None = None  # None: not seeded
-    ignore_eos: bool = False  # keep going past a generated end-of-text token
+    """Every sampling option: the one definition that sample.py, serve.py (its request body too) and the
+    GPT2-Chinese flags take their defaults, explanations and bounds from."""
+    # the bounds of temperature, top_p and repetition_penalty keep float32 logits finite: a temperature of 1e-300
+    # (or 1e300) turns them into inf and NaN
+    max_new_tokens: int = option(500, "tokens (characters) per sample", low=1, rule="at least 1")
+    temperature: float = option(1.0, "0 means always the most likely token; else in 0.001..1000", low=0,
+                                least=1e-3, high=1e3, rule="0 (the likeliest token) or in 0.001..1000", request_high=5)
+    top_k: int = option(8, "keep the k most likely tokens; 0 = off; 8 is GPT2-Chinese's default", low=0,
+                        rule="0 (off) or more")
+    top_p: float = option(1.0, "nucleus sampling, in (0, 1]; 1 = off", low=0, above=True, least=1e-6, high=1,
+                          rule="in (0, 1] (1 = off)")
+    repetition_penalty: float = option(1.0, "> 1 makes tokens already in the text less likely; in 0.01..100",
+                                       low=0, above=True, least=1e-2, high=1e2, rule="in 0.01..100 (1 = off)",
+                                       request_high=10)
+    num_samples: int = option(1, "generated together as one batch", low=1, high=MAX_SAMPLES,
+                              rule=f"in 1..{MAX_SAMPLES} (one batch)")
+    seed: int | None = option(None, "None: not seeded", low=0, rule="0 or more", request_high=2**63 - 1)
+    ignore_eos: bool = option(False, "keep going past a generated end-of-text token")
 
     def check(self) -> None:
         """Raise ValueError naming the first setting that cannot work."""
-        for ok, message in ((self.num_samples >= 1, f"num_samples must be at least 1, got {self.num_samples}"),
-                            (self.max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {self.max_new_tokens}"),
-                            (self.temperature >= 0, f"temperature must be 0 or more, got {self.temperature}"),
-                            (self.top_k >= 0, f"top_k must be 0 (off) or more, got {self.top_k}"),
-                            (0 < self.top_p <= 1, f"top_p must be in (0, 1] (1 = off), got {self.top_p}"),
-                            (self.repetition_penalty > 0,
-                             f"repetition_penalty must be above 0 (1 = off), got {self.repetition_penalty}")):
-            if not ok:
-                raise ValueError(message)
+        for f in fields(self):
+            value, low, high, least = (getattr(self, f.name), f.metadata["low"], f.metadata["high"],
+                                       f.metadata["least"])
+            if value is None or low is None:
+                continue
+            tiny = least is not None and 0 < value < least
+            if value < low or (f.metadata["above"] and value == low) or (high is not None and value > high) or tiny:
+                note = f" (at least {least:g})" if tiny and f"{least:g}" not in f.metadata["rule"] else ""
+                raise ValueError(f"{f.name} must be {f.metadata['rule']}, got {value}{note}")
+
+    @classmethod
+    def options(cls, **defaults: object) -> dict[str, tuple[object, str]]:
+        """The options for a script's configurator.Options, with the script's own defaults where given; the
+        seed is each script's own (sample.py draws one, serve.py one per request)."""
+        return {f.name: (defaults.get(f.name, f.default), f.metadata["explanation"]) for f in fields(cls)
+                if f.name != "seed"}
+
+    @classmethod
+    def from_config(cls, config: dict, seed: int | None = None) -> "SamplingSettings":
+        """The settings among a script's options (the keys options() gave it)."""
+        return cls(**{f.name: config[f.name] for f in fields(cls) if f.name != "seed"}, seed=seed)
 
 
 def sample_next(logits: torch.Tensor, seen: torch.Tensor, temperature: float, top_k: int | None,
@@ -109,12 +143,14 @@ class Engine:
     @torch.no_grad()
     def stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                top_p: float | None = None, repetition_penalty: float = 1.0, banned_ids: Sequence[int] = (),
-               stop_ids: Sequence[int] = (), generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
-        """Yield a (B,) LongTensor per step: each row's new token, -1 once the row has produced a stop id.
+               stop_ids: Sequence[int] = (), generator: torch.Generator | None = None,
+               copies: int = 1) -> Iterator[torch.Tensor]:
+        """Yield a (B * copies,) LongTensor per step: each row's new token, -1 once the row has produced a stop id.
+        Rows k * copies to k * copies + copies - 1 continue idx's row k; its prompt is read once for all of them.
 
         Ends when every row has stopped or after max_new_tokens. Past block_size the window slides: the
         last block_size // 2 tokens are kept and the cache rebuilt from them in one pass."""
-        B, V, block_size = idx.size(0), self.model.config.vocab_size, self.model.config.block_size
+        V, block_size = self.model.config.vocab_size, self.model.config.block_size
         if idx.size(1) == 0:
             raise ValueError("the prompt must have at least one token")
         if temperature < 0 or repetition_penalty <= 0 or (top_k is not None and top_k < 1) \
@@ -124,15 +160,15 @@ class Engine:
             raise ValueError(f"token ids must be in [0, {V}); was the text encoded with this model's vocabulary?")
         if max_new_tokens <= 0:
             return
-        device = idx.device
+        device, B = idx.device, idx.size(0) * copies
         self._cache_for(B, device)
         window = idx[:, -block_size:]
+        logits = self._prefill(window, copies)
+        window, idx = window.repeat_interleave(copies, dim=0), idx.repeat_interleave(copies, dim=0)
         seen = torch.zeros(B, V, dtype=torch.bool, device=device).scatter_(1, idx, True)
         banned = torch.tensor(list(banned_ids), dtype=torch.long, device=device)
         stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
-        self.cache.limit = window.size(1)  # eager passes read only the filled slots
-        logits = self._forward(window, torch.arange(window.size(1), device=device))  # prefill: one pass
         histories = idx.tolist() if self.memory is not None else None  # the memory looks them up on the host
         for step in range(max_new_tokens):
             if histories is not None:  # sampling settings then apply to the mixed distribution
@@ -157,6 +193,39 @@ class Engine:
                 self.cache.limit = None if self.compiled else n_cached + 1
                 logits = self._step(token[:, None], torch.tensor([n_cached], device=device))
 
+    def _prefill(self, window: torch.Tensor, copies: int) -> torch.Tensor:
+        """One pass over the prompts window (b, T) into the cache, each row's keys and values copied to its
+        `copies` rows (nanochat's way: the work of one prompt, not of every sample); their logits (b * copies, V)."""
+        T, positions = window.size(1), torch.arange(window.size(1), device=window.device)
+        if copies == 1:
+            self.cache.limit = T  # eager passes read only the filled slots
+            return self._forward(window, positions)
+        full = self.cache
+        self.cache = KVCache(self.model.config, window.size(0), window.device, full.k.dtype)
+        try:
+            self.cache.limit = T
+            logits = self._forward(window, positions)
+            full.k[:, :, :, :T] = self.cache.k[:, :, :, :T].repeat_interleave(copies, dim=1)
+            full.v[:, :, :, :T] = self.cache.v[:, :, :, :T].repeat_interleave(copies, dim=1)
+        finally:
+            self.cache = full
+        full.limit = T
+        return logits.repeat_interleave(copies, dim=0)
+
+    def stream_settings(self, tok: Tokenizer, prompt_ids: Sequence[int], settings: SamplingSettings, rows: int,
+                        stop_ids: Sequence[int]) -> Iterator[torch.Tensor]:
+        """stream for `rows` continuations of one prompt as settings say (seeded when settings.seed is set);
+        [UNK] and [PAD] are never generated."""
+        device = self.model.lm_head.weight.device
+        generator = torch.Generator(device=device)
+        if settings.seed is not None:
+            generator.manual_seed(settings.seed)
+        return self.stream(torch.as_tensor(prompt_ids, device=device).unsqueeze(0), settings.max_new_tokens,
+                           temperature=settings.temperature, top_k=settings.top_k or None,
+                           top_p=settings.top_p if settings.top_p < 1 else None,
+                           repetition_penalty=settings.repetition_penalty, banned_ids=sorted({tok.unk_id, tok.pad_id}),
+                           stop_ids=stop_ids, generator=generator, copies=rows)
+
     def generate(self, idx: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
         """Like stream, but returns the prompt followed by the new tokens, (B, T + steps)."""
         steps = list(self.stream(idx, max_new_tokens, **sampling))
@@ -171,17 +240,8 @@ class Engine:
         prompt_ids = tok.encode(prompt)
         if len(prompt_ids) == 0:
             raise ValueError('empty prompt; give some text, or "[CLS]" to begin a new text')
-        device = self.model.lm_head.weight.device
-        idx = torch.as_tensor(prompt_ids, device=device).unsqueeze(0).repeat(settings.num_samples, 1)
-        generator = torch.Generator(device=device)
-        if settings.seed is not None:
-            generator.manual_seed(settings.seed)
         stop_ids = [] if settings.ignore_eos else [tok.eos_id]
-        steps = self.stream(idx, settings.max_new_tokens, temperature=settings.temperature,
-                            top_k=settings.top_k or None, top_p=settings.top_p if settings.top_p < 1 else None,
-                            repetition_penalty=settings.repetition_penalty,
-                            banned_ids=sorted({tok.unk_id, tok.pad_id}), stop_ids=stop_ids, generator=generator)
-        for step in steps:
+        for step in self.stream_settings(tok, prompt_ids, settings, settings.num_samples, stop_ids):
             for row, token in enumerate(step.tolist()):  # one transfer per step
                 if token >= 0 and token not in stop_ids:  # the end-of-text marker is not part of the sample
                     yield row, tok.decode([token])

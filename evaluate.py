@@ -12,18 +12,20 @@ One token is one character with our vocabulary, so nats per token are nats per c
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from checkpoint import check_vocab, load_model, read_checkpoint, resolve_source
-from configurator import UserError, exit_with_error, get_config
+from configurator import Options, UserError, exit_with_error, get_config
 from dataset import open_dataset
+from preparing import check_encoding, check_errors, describe_encodings, prepare_default_corpus, read_documents
+from quant import apply_quantization, check_quantize_mode
 from files import FolderLock, atomic_torch_save
 from mixture import PARTS, fit_mixture, mean_nats_of, memory_parts, mixture_loss, token_log_probs, two_fold_loss
 from ngram import DEFAULT_ORDER, kneser_ney_trigram_loss, load_ngram, modified_kneser_ney_loss
-from runtime import init_runtime
+from runtime import init_runtime, out_of_memory
 
 # ------------------------------------------------------------------ reporting
 
@@ -34,29 +36,33 @@ def loss_report(nats: float) -> str:
 
 # ------------------------------------------------------------------ command line
 
-DEFAULTS = dict(
-    out_dir="out",  # a run folder (its ckpt.pt), a .pt file, or a Hugging Face / GPT2-Chinese folder
-    init_from="",  # the same as out_dir, for a .pt file or a model folder; wins over out_dir
-    vocab="",  # vocab.txt for a model folder without one
-    dataset="",  # dataset under data_dir to score; default: the checkpoint's own
-    data_dir="",  # default: the checkpoint's own
-    text="",  # a UTF-8 text file to score instead of the dataset's val split
-    context=64,  # every character is scored with at least this many characters of context
-    ngram="on",  # on: also the memory (the dataset's n-gram) and the mixture; off: the GPT alone
-    refit=False,  # fit the mixture's weights on the val split again (after preparing the dataset again)
-    baseline=False,  # also print the Kneser-Ney trigram and modified Kneser-Ney 5-gram of the dataset
-    json=False,  # print one JSON object (model, ngram, mixture, two_fold in nats per character) and nothing else
-    device="auto",
-    dtype="float32",  # the scoring precision; float32 is exact, bfloat16 faster where the CPU computes it natively
-    quantize="none",  # int8: score the model with int8 weights, as sample.py --quantize=int8 decodes (CPU)
+DEFAULTS = Options(
+    out_dir=("out", "a run folder (its ckpt.pt), a .pt file, or a Hugging Face / GPT2-Chinese folder"),
+    init_from=("", "the same as out_dir, for a .pt file or a model folder; wins over out_dir"),
+    vocab=("", "vocab.txt for a model folder without one"),
+    dataset=("", "dataset under data_dir to score; default: the checkpoint's own"),
+    data_dir=("", "default: the checkpoint's own"),
+    text=("", "a text file to score instead of the dataset's val split (UTF-8, UTF-16, GBK/GB18030, Big5: detected)"),
+    encoding=("auto", "the --text file's encoding: auto (detected), or a Python codec name such as big5"),
+    errors=("strict", "replace: score a --text file past bytes that do not decode (each becomes U+FFFD)"),
+    context=(64, "every character is scored with at least this many characters of context (at most half a "
+                 "short model's block_size when left at 64)"),
+    ngram=("on", "on: also the memory (the dataset's n-gram) alone and the mixture; off: the GPT alone"),
+    refit=(False, "fit the mixture's weights on the val split again (after preparing the dataset again)"),
+    baseline=(False, "also print the Kneser-Ney trigram and modified Kneser-Ney 5-gram of the dataset"),
+    json=(False, "print one JSON object (model, ngram, mixture, two_fold: nats per character) and nothing else"),
+    device=("auto", "auto, cpu, cuda, cuda:1, mps"),
+    dtype=("float32", "the scoring precision; float32 is exact, bfloat16 faster where the CPU computes it natively"),
+    quantize=("none", "int8: score the model with int8 weights, as sample.py --quantize=int8 decodes (CPU)"),
 )
 
 
 def refit_command(source: str) -> str:
-    return f"python evaluate.py --out_dir={source} --refit=True"
+    return f"python evaluate.py --init_from={source} --refit=True"
 
 
-def mixture_weights(checkpoint: dict, path: str, data, counts, model, config: dict, rt, say) -> np.ndarray:
+def mixture_weights(checkpoint: dict, path: str, data, counts, model, config: dict, context: int, rt, say
+                    ) -> np.ndarray:
     """The weights the checkpoint carries, or weights fitted on the dataset's val split (then stored in a run's
     ckpt.pt, so that sample.py and serve.py mix the same way)."""
     stored = checkpoint.get("mixture")
@@ -66,8 +72,9 @@ def mixture_weights(checkpoint: dict, path: str, data, counts, model, config: di
                             f"{refit_command(path)}")
         return np.array([stored["weights"][part] for part in PARTS])
     record = fit_mixture(model, counts, np.asarray(data.tokens("val")), data.fingerprint(),
-                         context=config["context"], autocast=rt.dtype)
+                         context=context, autocast=rt.dtype)
     if path.endswith(".pt"):
+        checkpoint = read_checkpoint(path)  # the weights too: load_model's metadata leaves them out
         checkpoint["mixture"] = record
         try:
             with FolderLock(Path(path).parent, "evaluation"):
@@ -84,29 +91,41 @@ def evaluate(config: dict) -> dict[str, float]:
     rt = init_runtime(config["device"], config["dtype"], compile=False)
     say = (lambda line: None) if config["json"] else print
     source = config["init_from"] or config["out_dir"]
+    check_quantize_mode(config["quantize"], str(rt.device))  # before the slow part
     path = resolve_source(source)
-    model, tok = load_model(path, config["vocab"], rt.device, quantize=config["quantize"])
-    checkpoint = read_checkpoint(path) if path.endswith(".pt") else {}
+    model, tok, checkpoint = load_model(path, config["vocab"], rt.device)
+    float_model, model = model, apply_quantization(model, config["quantize"])
     trained_on = checkpoint.get("config", {})
     name = config["dataset"] or trained_on.get("dataset", "")
     data_dir = config["data_dir"] or trained_on.get("data_dir", "data")
     data = None
+    if name and config["text"] and not config["baseline"] and not (Path(data_dir) / name / "meta.json").exists():
+        name = ""  # a text can be scored without the dataset: the GPT alone then
     if name:
+        prepare_default_corpus(data_dir, name)  # when it is the one asked for and missing
         data = open_dataset(data_dir, name)
         check_vocab(tok, path, data.tokenizer, str(data.folder), "score the dataset it was trained on")
     results = {}
     if config["text"]:
-        try:
-            text = Path(config["text"]).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read --text {config['text']} as UTF-8: {e}") from None
+        docs, _, encodings = read_documents(Path(config["text"]), config["encoding"], config["errors"])
+        text = "\n".join(docs)  # one file's text (a folder's files, or a JSON file's documents, one after another)
+        if encodings[0] != "utf-8" and config["encoding"] == "auto":
+            say(f"read {config['text']} as {describe_encodings(encodings)} (detected; --encoding=NAME forces another)")
         ids, what = np.asarray(tok.encode(text)), config["text"]
+        if len(ids) < 2:
+            raise UserError(f"--text {config['text']} holds {len(ids)} character(s); scoring needs at least 2")
     else:
         if data is None:
             raise UserError(f"{path} does not say which dataset it was trained on; give --dataset (or --text)")
         ids, what = np.asarray(data.tokens("val")), f"{data.folder} val split"
-    say(f"{what}: {len(ids):,} characters, each scored with at least {config['context']} of context")
-    p_gpt = np.exp(token_log_probs(model, ids, context=config["context"], autocast=rt.dtype))
+    context = config["context"]
+    if context >= model.config.block_size:
+        if context != DEFAULTS["context"]:
+            raise UserError(f"--context {context} must be below the model's block_size, {model.config.block_size}")
+        context = model.config.block_size // 2  # the default is for our users' 512: a short model gets half its own
+        say(f"note: the model's block_size is {model.config.block_size}; scoring with --context={context}")
+    say(f"{what}: {len(ids):,} characters, each scored with at least {context} of context")
+    p_gpt = np.exp(token_log_probs(model, ids, context=context, autocast=rt.dtype))
     results["model"] = mean_nats_of(p_gpt)
     say(f"  model {source}: {loss_report(results['model'])}")
     if config["ngram"] == "on" and data is None:
@@ -114,7 +133,7 @@ def evaluate(config: dict) -> dict[str, float]:
     elif config["ngram"] == "on":
         order = checkpoint.get("mixture", {}).get("order", DEFAULT_ORDER)
         counts = load_ngram(data.folder, data.tokens("train"), tok.vocab_size, data.fingerprint(), order)
-        weights = mixture_weights(checkpoint, path, data, counts, model, config, rt, say)
+        weights = mixture_weights(checkpoint, path, data, counts, float_model, config, context, rt, say)
         parts = np.concatenate([p_gpt[None], memory_parts(counts, ids)])
         results["ngram"] = mean_nats_of(parts[1])
         results["mixture"] = mixture_loss(parts, weights)
@@ -144,11 +163,22 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"--context must be 0 or more, got {config['context']}")
         if config["ngram"] not in ("on", "off"):
             raise UserError(f"--ngram must be on or off, got {config['ngram']!r}")
+        check_encoding(config["encoding"])
+        check_errors(config["errors"])
         evaluate(config)
     except UserError as e:
         exit_with_error(e)
     except ValueError as e:
         exit_with_error(str(e).splitlines()[0])
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        raise SystemExit(130)
+    except (RuntimeError, MemoryError) as e:
+        short = out_of_memory(e)
+        if short is None:
+            raise
+        exit_with_error(f"{short} while scoring: use --dtype=bfloat16 or --quantize=int8 (CPU), or a machine with "
+                        "more memory")
 
 
 if __name__ == "__main__":

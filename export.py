@@ -14,12 +14,13 @@ from __future__ import annotations
 import sys
 
 from checkpoint import load_model, resolve_source
-from configurator import UserError, exit_with_error, get_config
+from configurator import Options, UserError, exit_with_error, get_config, print_options
+from files import check_path_names
 from hf import FORMATS, export_folder
 
-DEFAULTS = dict(
-    format="both",  # both (model.safetensors and pytorch_model.bin), bin or safetensors
-    vocab="",  # the vocab.txt of a source folder that has none
+DEFAULTS = Options(
+    format=("both", "both (model.safetensors and pytorch_model.bin), bin or safetensors"),
+    vocab=("", "the vocab.txt of a source folder that has none"),
 )
 USAGE = "usage: python export.py <out_dir, ckpt.pt or model folder> <new folder> [--format=both|bin|safetensors]"
 
@@ -43,7 +44,8 @@ def split_arguments(argv: list[str]) -> tuple[list[str], list[str]]:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "-h" in argv or "--help" in argv:
-        print(f"{__doc__.strip()}\n\n{USAGE}\noptions: --format (default both), --vocab (a source folder's vocab.txt)")
+        print(f"{__doc__.strip()}\n\n{USAGE}")
+        print_options(DEFAULTS)
         return
     try:
         bare, options = split_arguments(argv)
@@ -53,13 +55,17 @@ def main(argv: list[str] | None = None) -> None:
         if config["format"] not in FORMATS:
             raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {config['format']!r}")
         source, target = bare
-        model, tok = load_model(resolve_source(source), config["vocab"])
+        check_path_names(target, "the new folder")
+        model, tok, _ = load_model(resolve_source(source), config["vocab"])
         try:
             names = export_folder(model, tok, target, config["format"])
         except (OSError, ValueError) as e:
             raise UserError(f"cannot export to {target}: {e}") from None
     except UserError as e:
         exit_with_error(e)
+    except KeyboardInterrupt:  # the folder is written beside the target and swapped in whole: nothing half-written
+        print("\ninterrupted; the target folder is as it was", file=sys.stderr)
+        raise SystemExit(130)
     print(f"wrote {target}: {', '.join(names)}")
     print(f"load it with transformers: GPT2LMHeadModel.from_pretrained({target!r}), "
           f"AutoTokenizer.from_pretrained({target!r})")

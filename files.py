@@ -31,6 +31,24 @@ RENAME_EXCHANGE = 2  # renameat2 flag (Linux >= 3.15): swap two paths in one ste
 AT_FDCWD = -100
 
 
+# the longest name a folder or file we write may have: the usual file-system limit (255 bytes) less the room
+# that the temporary names around it add (`.tmp-<name>-<pid>`, `.<name>.<pid>.tmp`)
+MAX_NAME_BYTES = 255 - 32
+
+
+def check_path_names(path: str | Path, option: str) -> Path:
+    """Refuse, in one line, a path that the file system would refuse: a NUL byte, or a part too long."""
+    text = str(path)
+    if "\x00" in text:
+        raise UserError(f"{option} holds a NUL byte, which no file name can; give a plain path")
+    for part in Path(text).parts:
+        size = len(os.fsencode(part))
+        if size > MAX_NAME_BYTES:
+            raise UserError(f"{option}: the name {part[:40]}... is {size} bytes long; file systems take at most 255 "
+                            f"(and the temporary names beside it need room): use a name of at most {MAX_NAME_BYTES} bytes")
+    return Path(text)
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process with this PID exists (one of another user counts as alive)."""
     if pid <= 0:
@@ -63,6 +81,8 @@ class FolderLock:
             fd = self._open()
             if fd is None:
                 continue
+            if fd < 0:  # a reader of a folder nobody can write: no writer to keep out, so no lock is needed
+                return self
             try:
                 fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -94,8 +114,21 @@ class FolderLock:
                 return None
             raise UserError(f"{self.folder} does not exist") from None
         except OSError as e:
+            if self.shared and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                return self._open_read_only()
             raise UserError(f"cannot lock {self.folder} ({e.strerror or e}); is it a folder you can write to?") \
                 from None
+
+    def _open_read_only(self) -> int:
+        """A reader's lock in a folder it cannot write: the existing lock file opened for reading (flock works on
+        it, so a writer that can write there is still kept out), or -1 when there is none (then nobody can
+        create one, so no writer can take the folder: prepare.py locks before it replaces a dataset)."""
+        try:
+            return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return -1
+        except OSError as e:
+            raise UserError(f"cannot read {self.folder} ({e.strerror or e})") from None
 
     def _still_the_folders(self, fd: int) -> bool:
         """Whether the file we locked is still the folder's lock file (not one swapped away meanwhile)."""

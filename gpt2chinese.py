@@ -21,10 +21,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from configurator import UserError, get_config
+from dataset import load_meta
+from engine import SamplingSettings
 from hf import check_export_target
 
 if TYPE_CHECKING:
-    from engine import Engine, SamplingSettings
+    from engine import Engine
     from tokenizer import Tokenizer
 
 SAMPLE_RULE = "=" * 90  # closes a sample in samples.txt
@@ -83,7 +85,7 @@ GENERATE_FLAGS = {
     "batch_size": Flag(int, 1, "samples generated together; nsamples are made in batches of this size"),
     "nsamples": Flag(int, 10, "--num_samples (their default 10)"),
     "temperature": Flag(float, 1.0, "--temperature"),
-    "topk": Flag(int, 8, "--top_k (0 = off)"),
+    "topk": Flag(int, SamplingSettings.__dataclass_fields__["top_k"].default, "--top_k (0 = off)"),
     "topp": Flag(float, 0.0, "--top_p; 0 (their default) or 1 = off"),
     "model_config": Flag(str, "config/model_config_small.json", "accepted, not needed: as in theirs, the model "
                          "folder's config.json is used"),
@@ -224,8 +226,8 @@ def article_filter(min_length: int) -> Callable[[str], bool]:
 
 
 def prepare_raw(raw_data_path: str, vocab: str, block_size: int, min_length: int) -> dict:
-    """Prepare their train.json as a dataset (dataset.py's prepare with their vocabulary); returns its meta."""
-    from dataset import prepare, read_documents
+    """Prepare their train.json as a dataset (preparing.py's prepare with their vocabulary); returns its meta."""
+    from preparing import prepare, read_documents
 
     if not Path(raw_data_path).is_file():
         raise UserError(f"--raw_data_path {raw_data_path} does not exist; give the train.json to prepare")
@@ -251,7 +253,7 @@ def prepared_meta(raw_data_path: str, vocab: str) -> dict:
     data_dir, name = dataset_location(raw_data_path)
     folder = Path(data_dir) / name
     try:
-        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        meta = load_meta(folder)
     except (OSError, ValueError):
         raise UserError(f"no prepared data at {folder}/: add --raw to prepare {raw_data_path} first") from None
     if vocab:
@@ -401,7 +403,7 @@ def export_final_model(out_dir: str, folder: Path) -> Path:
     from checkpoint import load_model
     from hf import export_folder
 
-    model, tok = load_model(os.path.join(out_dir, "ckpt.pt"))
+    model, tok, _ = load_model(os.path.join(out_dir, "ckpt.pt"))
     try:
         export_folder(model, tok, folder)  # both pytorch_model.bin (transformers 2.x) and model.safetensors
     except (OSError, ValueError) as e:
@@ -538,18 +540,7 @@ def save_samples_file(texts: list[str], folder: str) -> str:
 
 def stream_batch(engine: Engine, tok: Tokenizer, prompt_ids: list[int], settings: SamplingSettings, rows: int) -> Iterator[tuple[int, int]]:
     """(row, token id) for each new token of `rows` continuations of prompt_ids, generated as one batch."""
-    import torch
-
-    device = engine.model.lm_head.weight.device
-    idx = torch.as_tensor(prompt_ids, device=device).unsqueeze(0).repeat(rows, 1)  # (rows, T)
-    generator = torch.Generator(device=device)
-    if settings.seed is not None:
-        generator.manual_seed(settings.seed)
-    steps = engine.stream(idx, settings.max_new_tokens, temperature=settings.temperature,
-                          top_k=settings.top_k or None, top_p=settings.top_p if settings.top_p < 1 else None,
-                          repetition_penalty=settings.repetition_penalty,
-                          banned_ids=sorted({tok.unk_id, tok.pad_id}), generator=generator)
-    for step in steps:
+    for step in engine.stream_settings(tok, prompt_ids, settings, rows, stop_ids=()):  # theirs runs to --length
         for row, token in enumerate(step.tolist()):  # one transfer per step
             yield row, token
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
 import torch
 
+from engine import SamplingSettings
 from files import swap_in_folder
 from model import GPT, GPTConfig
 from tokenizer import DOC_END, DOC_START, Tokenizer
@@ -25,7 +27,7 @@ EXPORT_FILES = ("config.json", "generation_config.json", "pytorch_model.bin", "m
                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # What a source folder says about its tokenizer that an export keeps (uer's tokenizer_class, for one)
 CARRIED_KEYS = ("tokenizer_class", "do_lower_case", "tokenize_chinese_chars", "strip_accents")
-TOP_K = 8  # GPT2-Chinese's default, written into generation_config.json
+TOP_K = SamplingSettings().top_k  # sample.py's default (GPT2-Chinese's), written into generation_config.json
 
 # Hugging Face's GPT-2 uses Conv1D layers, which store their weight transposed relative to nn.Linear
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -40,12 +42,19 @@ def _read_hf_config(path: str) -> dict:
         with open(config_file, encoding="utf-8") as f:
             hf = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config_file} is not valid JSON: {e}") from None
+        raise ValueError(f"{config_file} is damaged (not valid JSON: {e}); export the model again") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{config_file} is damaged (not a JSON object); export the model again")
     if "n_positions" not in hf and "n_ctx" in hf:
         hf["n_positions"] = hf["n_ctx"]
     missing = [k for k in ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd") if k not in hf]
     if missing:
         raise ValueError(f"{config_file} lacks {', '.join(missing)}; is this a GPT-2 config?")
+    bad = [k for k in ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd")
+           if not isinstance(hf[k], int) or isinstance(hf[k], bool) or not 0 < hf[k] < 2**31]
+    if bad or hf["n_embd"] % hf["n_head"]:
+        what = ", ".join(f"{k}={hf[k]!r}" for k in bad) or "n_embd is not a multiple of n_head"
+        raise ValueError(f"{config_file} is damaged ({what}); export the model again")
     if hf.get("model_type", "gpt2") != "gpt2" or hf.get("activation_function", "gelu_new") not in \
             ("gelu_new", "gelu_pytorch_tanh") or hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
         raise ValueError(f"{config_file} describes a model other than plain GPT-2 (model_type, "
@@ -85,35 +94,19 @@ def _read_hf_weights(path: str) -> dict[str, torch.Tensor]:
                 return state
     except ImportError:
         raise ValueError("reading model.safetensors needs the safetensors package: pip install safetensors") from None
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():  # a truncated or garbled file
+            raise ValueError(f"cannot read the weights in {path}: they are damaged (they do not unpickle); export "
+                             "or download the model again") from None
+        # torch's message goes on to advise weights_only=False: never for such a file
+        raise ValueError(f"cannot read the weights in {path}: the file holds pickled objects other than tensors "
+                         "(code, perhaps), which are never loaded here; use a model.safetensors, or a "
+                         "pytorch_model.bin of plain tensors") from None
     except Exception as e:
-        raise ValueError(f"cannot read the weights in {path}: {str(e).splitlines()[0]}") from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ValueError(f"cannot read the weights in {path}: they are damaged ({first}); export or download the "
+                         "model again") from None
     raise ValueError(f"{path} has neither model.safetensors nor pytorch_model.bin (nor a sharded index)")
-
-
-def save_hf_gpt2(model: GPT, path: str, safe_serialization: bool = True) -> None:
-    """Write model as a Hugging Face GPT-2 folder: config.json + model.safetensors (or pytorch_model.bin)."""
-    cfg = model.config
-    if not cfg.bias:
-        raise ValueError("Hugging Face GPT-2 has biases; a model with bias=False cannot be exported")
-    hf_config = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=cfg.vocab_size,
-                     n_positions=cfg.block_size, n_ctx=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-                     n_head=cfg.n_head, n_inner=None, activation_function="gelu_new",
-                     layer_norm_epsilon=cfg.layer_norm_epsilon, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
-                     attn_pdrop=cfg.dropout, initializer_range=0.02, tie_word_embeddings=True)
-    state = _export_weights(model)
-    os.makedirs(path, exist_ok=True)
-    weights_name = "model.safetensors" if safe_serialization else "pytorch_model.bin"
-    # write to temporary names and rename, so an interrupted save never leaves a half-written folder
-    tmp = os.path.join(path, weights_name + ".tmp")
-    if safe_serialization:
-        from safetensors.torch import save_file
-        save_file(state, tmp, metadata={"format": "pt"})
-    else:
-        torch.save(state, tmp)
-    with open(os.path.join(path, "config.json.tmp"), "w", encoding="utf-8") as f:
-        json.dump(hf_config, f, indent=2)
-    os.replace(tmp, os.path.join(path, weights_name))
-    os.replace(os.path.join(path, "config.json.tmp"), os.path.join(path, "config.json"))
 
 
 def load_hf_gpt2(path: str, dropout: float = 0.0) -> GPT:
@@ -146,6 +139,10 @@ def load_hf_gpt2(path: str, dropout: float = 0.0) -> GPT:
         if lm_head is not None and not torch.equal(lm_head.to(model.lm_head.weight.dtype), model.lm_head.weight):
             raise ValueError(f"{path}: lm_head.weight differs from the token embedding; only GPT-2 "
                              "with tied embeddings is supported")
+    for k, w in model.state_dict().items():
+        if w.is_floating_point() and not torch.isfinite(w).all():
+            raise ValueError(f"{path} is damaged: {int((~torch.isfinite(w)).sum()):,} weight(s) of {k} are NaN or "
+                             "infinite; export the model again")
     return model
 
 
@@ -279,6 +276,8 @@ def export_folder(model: GPT, tok: Tokenizer, folder: str | Path, fmt: str = "bo
     if model.config.vocab_size != tok.vocab_size:
         raise ValueError(f"the model has {model.config.vocab_size} tokens but its vocabulary {tok.vocab_size}")
     folder = Path(folder)
+    if folder.is_symlink():  # replace what the link points to, never the link itself
+        folder = Path(os.path.realpath(folder))
     check_export_target(folder)
     texts = {"config.json": json.dumps(hf_config_dict(model, tok), indent=2),
              "generation_config.json": json.dumps(generation_config_dict(tok), indent=2),

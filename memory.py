@@ -1,8 +1,9 @@
 """Training memory, estimated before a run starts: what a GPU (or the CPU's RAM) must hold at the peak.
 
-    est = estimate_memory(config, vocab_size=13317, device_type="cuda", dtype="bfloat16", compiled=True)
+    shape = TrainingShape(GPTConfig(...), batch_size=8, gradient_accumulation_steps=4, optimizer="muon")
+    est = estimate_memory(shape, device_type="cuda", dtype="bfloat16", compiled=True)
     print(est.format())                       # the breakdown, one row per part
-    micro = pick_micro_batch(config, budget, vocab_size, "cuda", "bfloat16", True)
+    micro = pick_micro_batch(shape, budget, "cuda", "bfloat16", True)
 
 The activation formula counts what autograd saves for backward, tensor by tensor, for model.py's GPT.
 It was checked against torch.autograd.graph.saved_tensors_hooks on the CPU (saved_bytes below): exact
@@ -10,11 +11,10 @@ to the byte in eager mode for the flash and math attention paths, float32 and bf
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import re
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -23,13 +23,21 @@ from configurator import UserError
 from model import GPT, GPTConfig
 from optim import muon_matrices
 from runtime import Runtime, pick_compile, pick_dtype
-from tokenizer import DEFAULT_VOCAB_SIZE
 
 GB = 2**30  # the project's "GB" (logs, --gpu_memory) is 2**30 bytes, as GPU cards are sized
 CUDA_CONTEXT = 500 * 2**20  # CUDA context, cuBLAS workspace and loaded kernels: 300-500 MB, unseen by the allocator
 ALLOCATOR_OVERHEAD = 0.10  # the caching allocator's rounding and fragmentation above the allocated peak
 AUTO_MARGIN = 0.05  # --gpu_memory=auto keeps this share of the device free, for the display and other processes
 LOW_PRECISION = ("bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class TrainingShape:
+    """What the estimate needs of a training run: the model (its vocabulary too), the batch and the optimizer."""
+    model: GPTConfig
+    batch_size: int  # rows of one micro-batch
+    gradient_accumulation_steps: int  # micro-batches per optimizer step, over all the processes
+    optimizer: str  # 'muon' or 'adamw'
 
 
 @dataclass
@@ -98,13 +106,12 @@ class MemoryEstimate:
 
 # ------------------------------------------------------------------ the formula
 
-def parameter_counts(config: dict, vocab_size: int) -> dict[str, int]:
+def parameter_counts(config: GPTConfig, optimizer: str) -> dict[str, int]:
     """Parameter counts of the GPT that config describes, built on the meta device (no memory, no time):
     'total' (tied head counted once), 'muon' (what optim.py gives Muon), 'matrices' (the Linear weights)."""
     with torch.device("meta"):
-        model = GPT(GPTConfig(block_size=config["block_size"], vocab_size=vocab_size, n_layer=config["n_layer"],
-                              n_head=config["n_head"], n_embd=config["n_embd"], bias=config["bias"]))
-    muon = muon_matrices(model) if config["optimizer"] == "muon" else []
+        model = GPT(config)
+    muon = muon_matrices(model) if optimizer == "muon" else []
     linears = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     return {"total": sum(p.numel() for p in model.parameters()), "muon": sum(p.numel() for p in muon),
             "matrices": sum(w.numel() for w in linears), "tensors": len(list(model.parameters())),
@@ -117,11 +124,11 @@ def attention_path(device_type: str, dropout: float) -> str:
     return "math" if device_type == "cpu" and dropout > 0 else "flash"
 
 
-def layer_activations(config: dict, micro_batch: int, device_type: str, dtype: str) -> int:
+def layer_activations(config: GPTConfig, micro_batch: int, device_type: str, dtype: str) -> int:
     """Bytes one transformer block saves for backward (eager): each tensor named where it is counted."""
-    C, H, T, N = config["n_embd"], config["n_head"], config["block_size"], micro_batch * config["block_size"]
+    C, H, T, N = config.n_embd, config.n_head, config.block_size, micro_batch * config.block_size
     a = 2 if dtype in LOW_PRECISION else 4  # bytes of an activation that autocast computes
-    mask = (1 if device_type != "cpu" else a) if config["dropout"] > 0 else 0  # bool on CUDA; CPU's mask is a copy
+    mask = (1 if device_type != "cpu" else a) if config.dropout > 0 else 0  # bool on CUDA; CPU's mask is a copy
     per_token = (
         2 * (4 * C + 8)  # both LayerNorms' float32 inputs (the residual stream) and their mean and rstd
         + 2 * a * C  # the inputs of c_attn and of the MLP's c_fc (LayerNorm outputs, cast by autocast)
@@ -129,7 +136,7 @@ def layer_activations(config: dict, micro_batch: int, device_type: str, dtype: s
         + a * C  # attention's output, c_proj's input
         + 2 * mask * C  # the two residual dropouts' masks
     )
-    if attention_path(device_type, config["dropout"]) == "flash":
+    if attention_path(device_type, config.dropout) == "flash":
         per_token += 3 * a * C + 4 * H  # q, k, v (views of c_attn's output) and the log-sum-exp per head
     else:
         # the CPU's math path works in float32 even under autocast: scaled q, k^T, v, and per head a row of
@@ -138,12 +145,11 @@ def layer_activations(config: dict, micro_batch: int, device_type: str, dtype: s
     return N * per_token
 
 
-def head_activations(config: dict, vocab_size: int, micro_batch: int, device_type: str, dtype: str,
-                     compiled: bool) -> int:
+def head_activations(config: GPTConfig, micro_batch: int, device_type: str, dtype: str, compiled: bool) -> int:
     """Bytes saved outside the blocks: embeddings, final LayerNorm, LM head and the cross-entropy."""
-    C, T, V, N = config["n_embd"], config["block_size"], vocab_size, micro_batch * config["block_size"]
+    C, T, V, N = config.n_embd, config.block_size, config.vocab_size, micro_batch * config.block_size
     a = 2 if dtype in LOW_PRECISION else 4
-    mask = (1 if device_type != "cpu" else 4) if config["dropout"] > 0 else 0  # the embeddings' dropout, float32
+    mask = (1 if device_type != "cpu" else 4) if config.dropout > 0 else 0  # the embeddings' dropout, float32
     saved = N * 8 + T * 8 + N * C * mask  # token ids, positions, embedding dropout mask
     saved += N * (4 * C + 8) + N * a * C  # ln_f's input and stats, the LM head's input
     if compiled:
@@ -154,13 +160,13 @@ def head_activations(config: dict, vocab_size: int, micro_batch: int, device_typ
     return saved + N * 8  # the targets
 
 
-def loss_peak(config: dict, vocab_size: int, micro_batch: int, dtype: str, compiled: bool) -> int:
+def loss_peak(config: GPTConfig, micro_batch: int, dtype: str, compiled: bool) -> int:
     """Bytes of the logits' transient copies at the worst moment (the start of backward), beyond what is saved.
 
     Eager: backward through nll_loss and log_softmax holds a float32 gradient of the log-probabilities and
     one of the logits at once: 2 x N x V x 4. Compiled, the fused cross-entropy's backward holds two
     buffers of N x V in the compute dtype. Both measured on the CPU (see the module's docstring)."""
-    N, V = micro_batch * config["block_size"], vocab_size
+    N, V = micro_batch * config.block_size, config.vocab_size
     if compiled:
         return 2 * N * V * (2 if dtype in LOW_PRECISION else 4)
     return 2 * N * V * 4
@@ -172,29 +178,28 @@ def step_peak(counts: dict[str, int]) -> int:
     return counts["muon"] * 4 + counts["largest_muon_group"] * (4 + 4 + 2)
 
 
-def estimate_memory(config: dict, vocab_size: int = DEFAULT_VOCAB_SIZE, device_type: str = "cuda",
-                    dtype: str = "bfloat16", compiled: bool = True, micro_batch: int | None = None,
-                    world_size: int = 1) -> MemoryEstimate:
-    """Peak memory of one training process for config (train.py's keys) at micro_batch (default: batch_size)."""
-    micro_batch = micro_batch or config["batch_size"]
-    counts = parameter_counts(config, vocab_size)
+def estimate_memory(shape: TrainingShape, device_type: str = "cuda", dtype: str = "bfloat16", compiled: bool = True,
+                    micro_batch: int | None = None, world_size: int = 1) -> MemoryEstimate:
+    """Peak memory of one training process for shape at micro_batch (default: its batch_size)."""
+    config, micro_batch = shape.model, micro_batch or shape.batch_size
+    counts = parameter_counts(config, shape.optimizer)
     P = counts["total"]
-    if config["optimizer"] == "muon":
+    if shape.optimizer == "muon":
         optimizer = 4 * counts["muon"] + 8 * (P - counts["muon"])  # Muon's momentum; AdamW's exp_avg, exp_avg_sq
     else:
         optimizer = 8 * P
     optimizer += 4 * counts["tensors"]  # AdamW's per-tensor step counters (tensors when fused)
-    activations = (config["n_layer"] * layer_activations(config, micro_batch, device_type, dtype)
-                   + head_activations(config, vocab_size, micro_batch, device_type, dtype, compiled))
-    rows = config["batch_size"] * config["gradient_accumulation_steps"] // world_size
+    activations = (config.n_layer * layer_activations(config, micro_batch, device_type, dtype)
+                   + head_activations(config, micro_batch, device_type, dtype, compiled))
+    rows = rows_per_process(shape, world_size)
     estimate = MemoryEstimate(
-        micro_batch=micro_batch, block_size=config["block_size"], vocab_size=vocab_size, parameters=P,
+        micro_batch=micro_batch, block_size=config.block_size, vocab_size=config.vocab_size, parameters=P,
         device_type=device_type, dtype=dtype, compiled=compiled,
-        attention=attention_path(device_type, config["dropout"]), optimizer_name=config["optimizer"],
+        attention=attention_path(device_type, config.dropout), optimizer_name=shape.optimizer,
         weights=4 * P, gradients=4 * P, optimizer=optimizer, activations=activations,
         weight_copies=2 * counts["matrices"] if dtype in LOW_PRECISION else 0,
-        loss_peak=loss_peak(config, vocab_size, micro_batch, dtype, compiled), step_peak=step_peak(counts),
-        batch=2 * 8 * rows * config["block_size"], cuda_context=0, allocator=0)
+        loss_peak=loss_peak(config, micro_batch, dtype, compiled), step_peak=step_peak(counts),
+        batch=2 * 8 * rows * config.block_size, cuda_context=0, allocator=0)
     if device_type == "cuda":
         estimate.cuda_context = CUDA_CONTEXT
         estimate.allocator = int(ALLOCATOR_OVERHEAD * estimate.allocated_peak)
@@ -211,34 +216,25 @@ def parse_budget(text: str) -> int:
     return int(float(match[1]) * (2**20 if (match[2] or "g").startswith("m") else GB))
 
 
-def rows_per_process(config: dict, world_size: int) -> int:
-    return config["batch_size"] * config["gradient_accumulation_steps"] // world_size
+def rows_per_process(shape: TrainingShape, world_size: int) -> int:
+    return shape.batch_size * shape.gradient_accumulation_steps // world_size
 
 
-def pick_micro_batch(config: dict, budget: int, vocab_size: int, device_type: str, dtype: str, compiled: bool,
+def pick_micro_batch(shape: TrainingShape, budget: int, device_type: str, dtype: str, compiled: bool,
                      world_size: int = 1) -> int:
     """The largest micro-batch whose estimate fits budget bytes and divides the rows of one optimizer step
     (so the tokens per step stay as configured); 0 when not even one row fits."""
-    rows = rows_per_process(config, world_size)
+    rows = rows_per_process(shape, world_size)
     for micro in sorted((d for d in range(1, rows + 1) if rows % d == 0), reverse=True):
-        if estimate_memory(config, vocab_size, device_type, dtype, compiled, micro, world_size).total <= budget:
+        if estimate_memory(shape, device_type, dtype, compiled, micro, world_size).total <= budget:
             return micro
     return 0
 
 
-def with_micro_batch(config: dict, micro: int, world_size: int = 1) -> dict:
-    """config with batch_size = micro and the accumulation that keeps batch_size x accumulation as it was."""
-    rows = rows_per_process(config, world_size)
-    return dict(config, batch_size=micro, gradient_accumulation_steps=rows // micro * world_size)
-
-
-def vocab_size_of(config: dict) -> int:
-    """The dataset's vocabulary size from its meta.json, without reading the tokens; the default if absent."""
-    try:
-        meta = json.loads((Path(config["data_dir"]) / config["dataset"] / "meta.json").read_text(encoding="utf-8"))
-        return int(meta.get("vocab_size") or len(meta["itos"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        return DEFAULT_VOCAB_SIZE
+def with_micro_batch(shape: TrainingShape, micro: int, world_size: int = 1) -> TrainingShape:
+    """shape with batch_size = micro and the accumulation that keeps batch_size x accumulation as it was."""
+    rows = rows_per_process(shape, world_size)
+    return dataclasses.replace(shape, batch_size=micro, gradient_accumulation_steps=rows // micro * world_size)
 
 
 # ------------------------------------------------------------------ measuring (calibration and tests)
@@ -269,22 +265,19 @@ def optimizer_state_bytes(optimizers: list[torch.optim.Optimizer]) -> int:
 
 # ------------------------------------------------------------------ what train.py calls
 
-def assumed_runtime(config: dict) -> tuple[str, str, bool]:
-    """(device_type, dtype, compiled) that config's run would get. Without a GPU, device 'auto' is taken to
-    mean the CUDA GPU the estimate is for (bf16 from Ampere on), unless this machine has MPS."""
-    name = config["device"]
+def assumed_runtime(name: str, dtype: str, compile: bool | None) -> tuple[str, str, bool]:
+    """(device_type, dtype, compiled) that a run on device name would get. Without a GPU, device 'auto' is taken
+    to mean the CUDA GPU the estimate is for (bf16 from Ampere on), unless this machine has MPS."""
     if name == "auto":
         mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
         device_type = "mps" if mps and not torch.cuda.is_available() else "cuda"
     else:
         device_type = "cuda" if name.startswith("cuda") or name.split(",")[0].isdigit() else name.split(":")[0]
-    if config["dtype"] != "auto":
-        dtype = config["dtype"]
-    elif device_type == "cuda" and not torch.cuda.is_available():
+    if dtype == "auto" and device_type == "cuda" and not torch.cuda.is_available():
         dtype = "bfloat16"
-    else:
+    elif dtype == "auto":
         dtype = str(pick_dtype("auto", device_type)).removeprefix("torch.")
-    compiled = config["compile"] if config["compile"] is not None else device_type == "cuda" and sys.platform == "linux"
+    compiled = compile if compile is not None else device_type == "cuda" and sys.platform == "linux"
     if compiled and device_type == "cuda" and torch.cuda.is_available():
         compiled = pick_compile(True, "cuda")  # off where Triton is missing
     return device_type, dtype, compiled
@@ -301,17 +294,18 @@ def auto_budget(free: int, total: int) -> int:
     return int(free + CUDA_CONTEXT - AUTO_MARGIN * total)
 
 
-def fit_to_budget(config: dict, budget: int, vocab_size: int, device_type: str, dtype: str, compiled: bool,
-                  world_size: int = 1) -> tuple[dict, str]:
-    """config with the largest micro-batch that fits budget (the tokens per step unchanged) and one line
+def fit_to_budget(shape: TrainingShape, budget: int, device_type: str, dtype: str, compiled: bool,
+                  world_size: int = 1) -> tuple[TrainingShape, str]:
+    """shape with the largest micro-batch that fits budget (the tokens per step unchanged) and one line
     saying what was chosen."""
-    micro = pick_micro_batch(config, budget, vocab_size, device_type, dtype, compiled, world_size)
-    fitted = with_micro_batch(config, max(micro, 1), world_size)
-    est = estimate_memory(fitted, vocab_size, device_type, dtype, compiled, world_size=world_size)
-    tokens = fitted["batch_size"] * fitted["gradient_accumulation_steps"] * config["block_size"]
-    line = (f"gpu_memory {budget / GB:.1f} GB: micro-batch {fitted['batch_size']} x {config['block_size']} with "
-            f"{fitted['gradient_accumulation_steps']} accumulation steps (the config: {config['batch_size']} x "
-            f"{config['gradient_accumulation_steps']}), {tokens:,} tokens per step as configured; estimated peak "
+    micro = pick_micro_batch(shape, budget, device_type, dtype, compiled, world_size)
+    fitted = with_micro_batch(shape, max(micro, 1), world_size)
+    est = estimate_memory(fitted, device_type, dtype, compiled, world_size=world_size)
+    block_size = shape.model.block_size
+    tokens = fitted.batch_size * fitted.gradient_accumulation_steps * block_size
+    line = (f"gpu_memory {budget / GB:.1f} GB: micro-batch {fitted.batch_size} x {block_size} with "
+            f"{fitted.gradient_accumulation_steps} accumulation steps (the config: {shape.batch_size} x "
+            f"{shape.gradient_accumulation_steps}), {tokens:,} tokens per step as configured; estimated peak "
             f"{est.total / GB:.2f} GB")
     if micro == 0:
         line += (" - more than the budget even at micro-batch 1: it may run out of memory; use a smaller "
@@ -319,9 +313,11 @@ def fit_to_budget(config: dict, budget: int, vocab_size: int, device_type: str, 
     return fitted, line
 
 
-def budget_for(config: dict, device_type: str, device: str | None = None, say: bool = True) -> int | None:
-    """The byte budget --gpu_memory asks for: None when off, or 'auto' on a machine without CUDA (said if say)."""
-    setting = config["gpu_memory"].strip()
+def budget_for(gpu_memory: str, batch_size: int, device_type: str, device: str | None = None,
+               say: bool = True) -> int | None:
+    """The byte budget --gpu_memory asks for: None when off, or 'auto' on a machine without CUDA (said if say,
+    with the micro-batch kept)."""
+    setting = gpu_memory.strip()
     if not setting:
         return None
     if setting.lower() != "auto":
@@ -329,7 +325,7 @@ def budget_for(config: dict, device_type: str, device: str | None = None, say: b
     if device_type != "cuda" or not torch.cuda.is_available():
         if say:
             print(f"note: --gpu_memory=auto measures a CUDA GPU's free memory, and there is none here; give a "
-                  f"size (--gpu_memory=4GB) to fit one; keeping micro-batch {config['batch_size']}")
+                  f"size (--gpu_memory=4GB) to fit one; keeping micro-batch {batch_size}")
         return None
     free, total, _ = cuda_free_memory(device)
     return auto_budget(free, total)
@@ -346,41 +342,40 @@ def fit_line(est: MemoryEstimate, free: int, total: int, name: str) -> str:
             "out-of-memory steps will be redone at half the micro-batch")
 
 
-def plan_memory(config: dict, rt: Runtime) -> dict:
-    """Before training: fit the micro-batch to --gpu_memory, and on CUDA print the estimate against the free
-    memory. Returns config, with batch_size and gradient_accumulation_steps changed when a budget chose them."""
-    if rt.device_type != "cuda" and not config["gpu_memory"]:
-        return config
-    vocab_size = vocab_size_of(config)
-    budget = budget_for(config, rt.device_type, rt.device, say=rt.master)
+def plan_memory(shape: TrainingShape, gpu_memory: str, rt: Runtime) -> TrainingShape:
+    """Before training: fit the micro-batch to gpu_memory (--gpu_memory), and on CUDA print the estimate against
+    the free memory. Returns shape, with batch_size and gradient_accumulation_steps changed when a budget chose
+    them."""
+    if rt.device_type != "cuda" and not gpu_memory:
+        return shape
+    budget = budget_for(gpu_memory, shape.batch_size, rt.device_type, rt.device, say=rt.master)
     if rt.ddp and budget is not None:  # every rank must choose the same micro-batch: the smallest budget wins
         low = torch.tensor(float(budget), device=rt.device)
         torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
         budget = int(low.item())
     if budget is not None:
-        config, line = fit_to_budget(config, budget, vocab_size, rt.device_type, rt.dtype_name, rt.compile,
-                                     rt.world_size)
+        shape, line = fit_to_budget(shape, budget, rt.device_type, rt.dtype_name, rt.compile, rt.world_size)
         if rt.master:
             print(line)
     if rt.device_type == "cuda" and rt.master:
-        est = estimate_memory(config, vocab_size, "cuda", rt.dtype_name, rt.compile, world_size=rt.world_size)
+        est = estimate_memory(shape, "cuda", rt.dtype_name, rt.compile, world_size=rt.world_size)
         print(est.format())
         print(fit_line(est, *cuda_free_memory(rt.device)))
-    return config
+    return shape
 
 
-def estimate_report(config: dict) -> str:
-    """`train.py --estimate_memory`: the breakdown for config's run, with no GPU and no dataset needed."""
-    device_type, dtype, compiled = assumed_runtime(config)
-    vocab_size = vocab_size_of(config)
+def estimate_report(shape: TrainingShape, gpu_memory: str, device: str, dtype: str, compile: bool | None) -> str:
+    """`train.py --estimate_memory`: the breakdown for a run of shape on device (train.py's --device, --dtype,
+    --compile, --gpu_memory), with no GPU and no dataset needed."""
+    device_type, dtype, compiled = assumed_runtime(device, dtype, compile)
     lines = [f"for a {device_type} run in {dtype}{', compiled' if compiled else ''} with a vocabulary of "
-             f"{vocab_size:,}" + ("" if torch.cuda.is_available() or device_type != "cuda" else
-                                  " (no GPU here: assumed; --device=cpu for the CPU's figure)")]
-    budget = budget_for(config, device_type)
+             f"{shape.model.vocab_size:,}" + ("" if torch.cuda.is_available() or device_type != "cuda" else
+                                              " (no GPU here: assumed; --device=cpu for the CPU's figure)")]
+    budget = budget_for(gpu_memory, shape.batch_size, device_type)
     if budget is not None:
-        config, line = fit_to_budget(config, budget, vocab_size, device_type, dtype, compiled)
+        shape, line = fit_to_budget(shape, budget, device_type, dtype, compiled)
         lines.append(line)
-    est = estimate_memory(config, vocab_size, device_type, dtype, compiled)
+    est = estimate_memory(shape, device_type, dtype, compiled)
     lines.append(est.format())
     if device_type == "cuda" and torch.cuda.is_available():
         lines.append(fit_line(est, *cuda_free_memory()))

@@ -11,7 +11,6 @@ scene at hand. The weights are fitted on the val split: text the counts have not
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 
 import numpy as np
 import torch

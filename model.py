@@ -232,11 +232,9 @@ class GPT(nn.Module):
         valid = flat >= 0
         return logits, -(mixed * valid).sum() / valid.sum().clamp_min(1)
 
-    def estimate_mfu(self, fwdbwd_per_iter: int, dt: float, peak_flops: float | None = None) -> float:
-        """Model FLOPs utilization of one iteration of dt seconds against peak_flops (default: this
-        CUDA device's entry in PEAK_BF16_FLOPS); nan when the peak is unknown."""
-        if peak_flops is None and torch.cuda.is_available():
-            peak_flops = peak_flops_for(torch.cuda.get_device_name())
+    def estimate_mfu(self, fwdbwd_per_iter: int, dt: float, peak_flops: float | None) -> float:
+        """Model FLOPs utilization of one iteration of dt seconds against peak_flops (runtime.peak_flops_for
+        gives a GPU's); nan when the peak is unknown."""
         if peak_flops is None:
             return float("nan")
         # PaLM appendix B: 6 FLOPs per parameter per token, plus attention's
@@ -244,23 +242,3 @@ class GPT(nn.Module):
         L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
         flops_per_token = 6 * self.get_num_params() + 12 * L * H * Q * T
         return flops_per_token * T * fwdbwd_per_iter / dt / peak_flops
-
-
-# Peak dense bf16 tensor FLOP/s with fp32 accumulate (the mode autocast trains in), matched as a
-# substring of torch.cuda.get_device_name(); first match wins, so specific names come first.
-PEAK_BF16_FLOPS = [
-    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
-    ("A100", 312e12), ("A10G", 70e12), ("L4", 121e12),
-    ("RTX 4090", 165e12), ("RTX 4080", 97.5e12), ("RTX 4070 Laptop", 36e12), ("RTX 4070", 58e12),
-    ("RTX 4060 Laptop", 29e12), ("RTX 4060 Ti", 44e12), ("RTX 4060", 30e12),
-    ("RTX 3090", 71e12), ("RTX 3080", 59.5e12), ("RTX 3070", 40.6e12),
-    ("RTX 3060 Laptop", 26e12), ("RTX 3060 Ti", 32.4e12), ("RTX 3060", 25.5e12),
-]
-
-
-def peak_flops_for(device_name: str) -> float | None:
-    """Peak dense bf16 FLOP/s of a GPU named as torch.cuda.get_device_name says; None if not in the table."""
-    for name, flops in PEAK_BF16_FLOPS:
-        if name.lower() in device_name.lower():
-            return flops
-    return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 
@@ -15,7 +16,7 @@ from runtime import Runtime
 def orthogonalize(update: torch.Tensor, steps: int) -> torch.Tensor:
     """Roughly the nearest semi-orthogonal matrix to each update (n, rows, cols), by quintic Newton-Schulz.
 
-    float32 on a CPU: bfloat16 (what torch.optim.Muon uses) is ~50x slower there without native bf16."""
+    float32 on a CPU: bfloat16 (what torch.optim.Muon uses) is far slower on a CPU without native bf16."""
     a, b, c = 3.4445, -4.7750, 2.0315  # coefficients that grow small singular values fast
     x = update.bfloat16() if update.is_cuda else update.float()
     tall = x.size(-2) > x.size(-1)
@@ -66,50 +67,72 @@ def muon_matrices(model: GPT) -> list[torch.nn.Parameter]:
     return [p for p in model.transformer.h.parameters() if p.dim() == 2 and p.requires_grad]
 
 
-def make_optimizers(model: GPT, config: dict, device_type: str) -> list[torch.optim.Optimizer]:
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """What make_optimizers builds; train.py's settings of the same names (trainsettings.optimizer_settings)."""
+    optimizer: str  # 'muon' or 'adamw'
+    learning_rate: float  # AdamW's peak rate
+    weight_decay: float  # AdamW's, on matrices and embeddings only
+    beta1: float
+    beta2: float
+    muon_lr: float
+    muon_momentum: float
+    muon_weight_decay: float
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The learning-rate curve, the same for every rate: linear warm-up, then 'cosine' decay to min_lr_ratio,
+    or 'wsd' (stable, then a linear decay to min_lr_ratio over the last decay_frac); flat when not decay_lr."""
+    lr_schedule: str  # 'wsd' or 'cosine'
+    warmup_iters: int
+    decay_frac: float
+    min_lr_ratio: float
+    decay_lr: bool = True
+
+
+def make_optimizers(model: GPT, settings: OptimizerSettings, device_type: str) -> list[torch.optim.Optimizer]:
     """[AdamW] or, with optimizer='muon', [Muon for the blocks' weight matrices, AdamW for the rest].
     Each group keeps its peak rate as "peak_lr": the schedule scales it."""
     fused = device_type in ("cuda", "cpu") or None  # one kernel for all parameters instead of a loop of ops
-    betas = (config["beta1"], config["beta2"])
     params = [p for p in model.parameters() if p.requires_grad]
-    muon = muon_matrices(model) if config["optimizer"] == "muon" else []
+    muon = muon_matrices(model) if settings.optimizer == "muon" else []
     taken = {id(p) for p in muon}
     rest = [p for p in params if id(p) not in taken]
-    adamw = torch.optim.AdamW([{"params": [p for p in rest if p.dim() >= 2], "weight_decay": config["weight_decay"]},
+    adamw = torch.optim.AdamW([{"params": [p for p in rest if p.dim() >= 2], "weight_decay": settings.weight_decay},
                                {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
-                              lr=config["learning_rate"], betas=betas, fused=fused)
+                              lr=settings.learning_rate, betas=(settings.beta1, settings.beta2), fused=fused)
     optimizers = [adamw]
     if muon:
-        optimizers.insert(0, Muon(muon, lr=config["muon_lr"], momentum=config["muon_momentum"],
-                                  weight_decay=config["muon_weight_decay"]))
+        optimizers.insert(0, Muon(muon, lr=settings.muon_lr, momentum=settings.muon_momentum,
+                                  weight_decay=settings.muon_weight_decay))
     for optimizer in optimizers:
         for group in optimizer.param_groups:
             group["peak_lr"] = group["lr"]
     return optimizers
 
 
-def lr_factor(it: int, config: dict, max_iters: int) -> float:
-    """The schedule as a fraction of each group's peak rate: linear warm-up, then 'cosine' decay to
-    min_lr_ratio, or 'wsd' (stable, then a linear decay to min_lr_ratio over the last decay_frac)."""
-    if not config["decay_lr"]:
+def lr_factor(it: int, schedule: Schedule, max_iters: int) -> float:
+    """The schedule at iteration it of max_iters, as a fraction of each group's peak rate."""
+    if not schedule.decay_lr:
         return 1.0
-    if it < config["warmup_iters"]:
-        return (it + 1) / (config["warmup_iters"] + 1)
-    low = config["min_lr_ratio"]
-    if config["lr_schedule"] == "wsd":
-        start = decay_start(config, max_iters)
+    if it < schedule.warmup_iters:
+        return (it + 1) / (schedule.warmup_iters + 1)
+    low = schedule.min_lr_ratio
+    if schedule.lr_schedule == "wsd":
+        start = decay_start(schedule, max_iters)
         if it < start:
             return 1.0
         return 1.0 + (low - 1.0) * min(1.0, (it - start + 1) / max(1, max_iters - start))
-    progress = min(1.0, (it - config["warmup_iters"]) / max(1, max_iters - config["warmup_iters"]))
+    progress = min(1.0, (it - schedule.warmup_iters) / max(1, max_iters - schedule.warmup_iters))
     return low + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - low)
 
 
-def decay_start(config: dict, max_iters: int) -> int:
+def decay_start(schedule: Schedule, max_iters: int) -> int:
     """The first iteration whose rate is below the peak: until then a run's length can still change."""
-    if config["lr_schedule"] == "wsd":
-        return max(config["warmup_iters"], max_iters - int(config["decay_frac"] * max_iters))
-    return config["warmup_iters"]
+    if schedule.lr_schedule == "wsd":
+        return max(schedule.warmup_iters, max_iters - int(schedule.decay_frac * max_iters))
+    return schedule.warmup_iters
 
 
 def set_lr(optimizers: list[torch.optim.Optimizer], factor: float) -> None:

@@ -11,21 +11,24 @@ GPT2-Chinese .json (a list of strings, a list of {"text": ...} objects, or JSON 
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-from configurator import UserError, exit_with_error, get_config
-from dataset import prepare
+from configurator import Options, UserError, exit_with_error, get_config
+from preparing import prepare
 from tokenizer import DEFAULT_VOCAB_SIZE
 
-DEFAULTS = dict(
-    source="",  # a .txt/.json file or a folder of .txt files (a bare argument); empty: the default corpus
-    name="",  # dataset name: the output goes to data_dir/<name>/ (default: the input's file name)
-    vocab="",  # a GPT2-Chinese/BERT vocab file, or a model folder (its vocab.txt), instead of building one
-    vocab_size=DEFAULT_VOCAB_SIZE,  # size of a built vocabulary
-    val_fraction=0.1,  # last part of each document for validation
-    block_size=512,  # context length the data must hold
-    data_dir="data",  # parent folder of the datasets
-    encoding="auto",  # the input's text encoding: auto (detected), or a Python codec name such as big5
+MAX_VOCAB_SIZE = 2**32  # ids are written as uint32 at most
+DEFAULTS = Options(
+    source=("", "a .txt/.json file or a folder of .txt files (a bare argument); empty: the default corpus"),
+    name=("", "dataset name: the output goes to data_dir/<name>/ (default: the input's file name)"),
+    vocab=("", "a GPT2-Chinese/BERT vocab file, or a model folder (its vocab.txt), instead of building one"),
+    vocab_size=(DEFAULT_VOCAB_SIZE, "size of a built vocabulary"),
+    val_fraction=(0.1, "last part of each document for validation"),
+    block_size=(512, "context length the data must hold"),
+    data_dir=("data", "parent folder of the datasets"),
+    encoding=("auto", "the input's text encoding: auto (detected), or a Python codec name such as big5"),
+    errors=("strict", "replace: go on past bytes that do not decode (each becomes U+FFFD) instead of stopping"),
 )
 
 
@@ -45,9 +48,18 @@ def report(meta: dict, out: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     try:
         config = get_config(DEFAULTS, argv, positional="source")
+        if not 0 < config["vocab_size"] <= MAX_VOCAB_SIZE or not 0 < config["block_size"] < 2**31:
+            raise UserError(f"--vocab_size must be in 6..{MAX_VOCAB_SIZE:,} (token ids are stored as uint32) and "
+                            f"--block_size in 1..2**31-1; got {config['vocab_size']} and {config['block_size']}")
         meta = prepare(**config)
     except UserError as e:
         exit_with_error(e)
+    except MemoryError:
+        exit_with_error(f"out of memory preparing {config['source'] or 'the default corpus'}: prepare a smaller "
+                        "part of it (split the text into a smaller file)")
+    except KeyboardInterrupt:  # the dataset folder is replaced only whole: nothing half-written stays
+        print("\ninterrupted; the dataset folder is as it was", file=sys.stderr)
+        raise SystemExit(130)
     report(meta, Path(config["data_dir"]) / meta["name"])
 
 

@@ -6,8 +6,8 @@ Decoding one token reads every weight once, so its speed is set by memory bandwi
 one scale per output channel read 4x fewer bytes than fp32. The products run in torch's own int8
 weight-pack kernel (aten._weight_int8pack_mm), which is vectorised on x86 for bf16 activations only, so
 activations are rounded to bf16 for the product and the result goes back to the model's dtype.
-Measured on a 2-core AVX2 CPU (no AVX512): the kernel reads about 7 GB/s of int8 weights, so it is
-compute-bound there, not at the bandwidth floor; torch.compile makes it 4x slower, so decode int8 eagerly.
+On a CPU without AVX512 the kernel is compute-bound, not at the bandwidth floor, and torch.compile slows it
+down, so int8 decodes eagerly (README's figures say by how much).
 """
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ Every script (train, sample, serve, evaluate, bench) calls init_runtime() so the
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -83,7 +84,7 @@ def decode_threads() -> int:
     """Threads for decoding on a CPU: the cores other processes leave idle, at least 1; OMP_NUM_THREADS wins.
 
     A decode step is about a hundred small parallel products; when one of their threads shares a core with
-    a busy process, every product waits for it to be scheduled (2.2 instead of 149 tokens/s on 2 cores)."""
+    a busy process, every product waits for it to be scheduled, and decoding nearly stops."""
     if "OMP_NUM_THREADS" in os.environ:
         return torch.get_num_threads()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -177,3 +178,39 @@ def init_runtime(device: str = "auto", dtype: str = "auto", compile: bool | None
         torch.manual_seed(seed + rank)  # each rank its own dropout stream
     return Runtime(device=device, dtype=pick_dtype(dtype, device_type), compile=pick_compile(compile, device_type),
                    rank=rank, local_rank=local_rank, world_size=world_size)
+
+
+# Peak dense bf16 tensor FLOP/s with fp32 accumulate (the mode autocast trains in), matched as a
+# substring of torch.cuda.get_device_name(); first match wins, so specific names come first.
+PEAK_BF16_FLOPS = [
+    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
+    ("A100", 312e12), ("A10G", 70e12), ("L4", 121e12),
+    ("RTX 4090", 165e12), ("RTX 4080", 97.5e12), ("RTX 4070 Laptop", 36e12), ("RTX 4070", 58e12),
+    ("RTX 4060 Laptop", 29e12), ("RTX 4060 Ti", 44e12), ("RTX 4060", 30e12),
+    ("RTX 3090", 71e12), ("RTX 3080", 59.5e12), ("RTX 3070", 40.6e12),
+    ("RTX 3060 Laptop", 26e12), ("RTX 3060 Ti", 32.4e12), ("RTX 3060", 25.5e12),
+]
+
+
+def peak_flops_for(device_name: str) -> float | None:
+    """Peak dense bf16 FLOP/s of a GPU named as torch.cuda.get_device_name says; None if not in the table."""
+    for name, flops in PEAK_BF16_FLOPS:
+        if name.lower() in device_name.lower():
+            return flops
+    return None
+
+
+def out_of_memory(error: BaseException) -> str | None:
+    """'out of memory (tried to allocate 79.4 GB)' when error is the device or the CPU running out of memory
+    (torch's OutOfMemoryError, the CPU allocator's RuntimeError, Python's MemoryError); else None."""
+    text = str(error)
+    if isinstance(error, MemoryError):
+        return "out of memory"
+    if not isinstance(error, RuntimeError) or not (isinstance(error, torch.OutOfMemoryError) or
+                                                   "can't allocate memory" in text or "out of memory" in text.lower()):
+        return None
+    size = re.search(r"allocate (\d+) bytes", text)
+    if size:
+        return f"out of memory (tried to allocate {int(size.group(1)) / 2**30:.1f} GB)"
+    size = re.search(r"allocate ([\d.]+ [KMGT]i?B)", text)
+    return f"out of memory (tried to allocate {size.group(1)})" if size else "out of memory"

@@ -21,43 +21,36 @@ import itertools
 import random
 import sys
 import time
-from dataclasses import fields
 from typing import Callable, NamedTuple
 
-from checkpoint import load_memory, load_model, resolve_source
-from configurator import UserError, exit_with_error, get_config
-from copycheck import CopyIndex, copy_index_for, copy_summary
+from configurator import Options, UserError, check_text, exit_with_error, get_config
+from copycheck import CopyIndex, copy_summary
 from engine import Engine, SamplingSettings
-from gpt2chinese import generate_command, generate_samples, save_samples_file
-from runtime import init_runtime, use_decode_threads
+from files import check_path_names
+from gpt2chinese import generate_command, generate_samples, header, save_samples_file
+from runtime import out_of_memory
+from startup import MEMORY_OPTIONS, load_generator
 from tokenizer import Tokenizer
 
 TYPES = dict(compile=bool)  # keys whose default None means auto
-DEFAULTS = dict(
-    out_dir="out",  # the best checkpoint, out_dir/ckpt.pt, is used
-    init_from="",  # or a GPT2-Chinese / Hugging Face GPT-2 folder, or a .pt checkpoint file
-    vocab="",  # vocab.txt for an --init_from folder (defaults to the folder's vocab.txt)
-    start="[CLS]",  # the prompt, or FILE:path to read it from a file; [CLS] starts a new text
-    num_samples=1,  # generated together as one batch
-    max_new_tokens=500,  # characters per sample
-    temperature=1.0,  # 0 means always the most likely token
-    top_k=8,  # 0 = off; 8 is GPT2-Chinese's default, which our users' command relies on
-    top_p=1.0,  # nucleus sampling, in (0, 1]; 1 = off
-    repetition_penalty=1.0,  # > 1 makes tokens already in the text less likely
-    ignore_eos=False,  # keep going past a generated [CLS] (end of text)
-    seed=-1,  # -1 = a new random seed each run (printed, to repeat a run)
-    device="auto",  # auto, cpu, cuda, cuda:1, mps, or a GPU index such as 0 or 1
-    dtype="auto",  # auto, float32, bfloat16, float16
-    quantize="none",  # int8: int8 weights with per-channel scales; on a CPU 1.8x faster decoding than float32
-    compile=None,  # torch.compile the one-token decode step; None: auto (on for CUDA on Linux), or True/False
-    save_samples=False,  # also write the samples to a new file in save_samples_path
-    save_samples_path="samples",
-    interactive=False,  # continue each line typed in the terminal, until Ctrl-D
-    min_copy=12,  # report spans of this many characters copied verbatim from the training text; 0 = off
-    ngram="on",  # on: mix the novel's memory (its n-gram and recent text) into every step; off: the GPT alone
-    dataset="",  # the dataset whose memory a model folder mixes in (a run's checkpoint names its own)
-    data_dir="",  # default: the checkpoint's own, else data
+DEFAULTS = Options(
+    out_dir=("out", "the best checkpoint, out_dir/ckpt.pt, is used"),
+    init_from=("", "or a GPT2-Chinese / Hugging Face GPT-2 folder, or a .pt checkpoint file"),
+    vocab=("", "vocab.txt for an --init_from folder (defaults to the folder's vocab.txt)"),
+    start=("[CLS]", "the prompt, or FILE:path to read it from a file; [CLS] starts a new text"),
+    **SamplingSettings.options(),
+    seed=(-1, "-1 = a new random seed each run (printed, to repeat a run)"),
+    device=("auto", "auto, cpu, cuda, cuda:1, mps, or a GPU index such as 0 or 1"),
+    dtype=("auto", "auto, float32, bfloat16, float16"),
+    quantize=("none", "int8: int8 weights with per-channel scales, for faster decoding on a CPU"),
+    compile=(None, "torch.compile the one-token decode step; None: auto (on for CUDA on Linux), or True/False"),
+    save_samples=(False, "also write the samples to a new file in save_samples_path"),
+    save_samples_path=("samples", "folder for --save_samples files"),
+    interactive=(False, "continue each line typed in the terminal, until Ctrl-D"),
+    min_copy=(12, "report spans of this many characters copied verbatim from the training text; 0 = off"),
+    **MEMORY_OPTIONS,
 )
+MAX_PROMPT_BYTES = 16 << 20  # a FILE: prompt larger than this is not a prompt (a device, or a whole corpus)
 # GPT2-Chinese generate.py's option names, so commands copied from its READMEs work unchanged
 ALIASES = dict(length="max_new_tokens", prefix="start", nsamples="num_samples", topk="top_k", topp="top_p",
                model_path="init_from", tokenizer_path="vocab")
@@ -67,12 +60,6 @@ class Samples(NamedTuple):
     texts: list[str]  # prompt + continuation of each sample, exactly as streamed
     new_tokens: int  # tokens that went into the texts, over the whole batch
     seconds: float  # generation time, prompt included, model loading not
-
-
-def settings_from(config: dict, seed: int) -> SamplingSettings:
-    """The sampling settings among the command-line options."""
-    return SamplingSettings(**{f.name: config[f.name] for f in fields(SamplingSettings) if f.name != "seed"},
-                            seed=seed)
 
 
 # ------------------------------------------------------------------ generation
@@ -110,14 +97,9 @@ def sample(engine: Engine, tok: Tokenizer, prompt: str, settings: SamplingSettin
 
 # ------------------------------------------------------------------ output
 
-def sample_header(n: int) -> str:
-    """The line that opens sample n, as GPT2-Chinese's generate.py writes it."""
-    return f"{'=' * 40} SAMPLE {n} {'=' * 40}"
-
-
 def format_samples(texts: list[str]) -> str:
     """The samples in the layout of GPT2-Chinese's samples.txt."""
-    return "".join(f"{sample_header(n)}\n\n{text.strip()}\n\n{'=' * 90}\n\n" for n, text in enumerate(texts, 1))
+    return "".join(f"{header(n)}\n\n{text.strip()}\n\n{'=' * 90}\n\n" for n, text in enumerate(texts, 1))
 
 
 def save_samples(texts: list[str], folder: str) -> str:
@@ -156,11 +138,11 @@ def run_prompt(engine: Engine, tok: Tokenizer, prompt: str, config: dict, seed: 
     if note:
         print(note, file=sys.stderr)
     if config["num_samples"] > 1:
-        write(sample_header(1) + "\n\n")
-    result = sample(engine, tok, prompt, settings_from(config, seed), on_text=write)
+        write(header(1) + "\n\n")
+    result = sample(engine, tok, prompt, SamplingSettings.from_config(config, seed), on_text=write)
     write("\n")
     for n, text in enumerate(result.texts[1:], 2):
-        write(f"\n{sample_header(n)}\n\n{text}\n")
+        write(f"\n{header(n)}\n\n{text}\n")
     prompt_chars = len(tok.decode(tok.encode(prompt)).lstrip("\n"))
     continuations = [text[prompt_chars:] for text in result.texts]  # the copy check skips the user's own prompt
     report(result.new_tokens, result.seconds, seed, continuations, tok, index, config,
@@ -186,7 +168,8 @@ def run_gpt2chinese(engine: Engine, tok: Tokenizer, prompt: str, config: dict, s
                     batch_size: int) -> list[str]:
     """Generate as GPT2-Chinese's generate.py does: its console layout, its samples.txt, [CLS] a paragraph break."""
     t0 = time.perf_counter()
-    texts, new_ids = generate_samples(engine, tok, prompt, settings_from(config, seed), batch_size, write)
+    texts, new_ids = generate_samples(engine, tok, prompt, SamplingSettings.from_config(config, seed), batch_size,
+                                       write)
     report(sum(map(len, new_ids)), time.perf_counter() - t0, seed, [tok.decode(ids) for ids in new_ids], tok, index,
            config, lambda: save_samples_file(texts, config["save_samples_path"]))
     return texts
@@ -196,20 +179,61 @@ def read_prompt(start: str) -> str:
     """The --start text, or the contents of the file it names as FILE:path."""
     if not start.startswith("FILE:"):
         return start
+    path = start[5:]
     try:
-        with open(start[5:], encoding="utf-8") as f:
+        if not os.path.isfile(path) and os.path.exists(path):
+            raise UserError(f"the prompt file {path} is not a regular file; give a text file")
+        if os.path.getsize(path) > MAX_PROMPT_BYTES:
+            raise UserError(f"the prompt file {path} is {os.path.getsize(path):,} bytes; a prompt is at most "
+                            f"{MAX_PROMPT_BYTES:,} (only the model's last block_size characters count anyway)")
+        with open(path, encoding="utf-8") as f:
             return f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read the prompt file {start[5:]} as UTF-8 text: {e}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"the prompt file {path} is not UTF-8 text (byte {e.start:,}: {e.reason}); save it as UTF-8") \
+            from None
+    except OSError as e:
+        raise UserError(f"cannot read the prompt file {path}: {e.strerror or e}") from None
+
+
+def check_samples_folder(folder: str) -> None:
+    """Before any generating: the samples folder can be made and written (not read-only, not a file)."""
+    check_path_names(folder, "--save_samples_path")
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"cannot save the samples in --save_samples_path {folder}: it is a file, not a folder; "
+                        "give a folder for the samples")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".probe.{os.getpid()}.tmp")
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot save the samples in --save_samples_path {folder} ({e.strerror or e}); "
+                        "give a folder you can write to") from None
+
+
+def read_line() -> str | None:
+    """One line typed at the prompt, or None at the end of input; bytes that are not UTF-8 are refused."""
+    try:
+        line = input("> ")
+    except EOFError:
+        return None
+    try:
+        return check_text(line, "that line")
+    except UserError as e:
+        print(e, file=sys.stderr)  # the line is skipped: the loop asks for the next one
+        return ""
 
 
 def interactive_loop(engine: Engine, tok: Tokenizer, config: dict, seed: int, index: CopyIndex | None) -> None:
     """Continue each line typed; Ctrl-C stops the current continuation, Ctrl-D (end of input) ends."""
     print("type a beginning and press Enter; Ctrl-D ends", file=sys.stderr)
+    # bytes that are not UTF-8 reach the line as lone surrogates, which read_line refuses, instead of an error in input()
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
     while True:
-        try:
-            line = input("> ")
-        except EOFError:
+        line = read_line()
+        if line is None:
             write("\n")
             return
         if not line.strip():
@@ -224,35 +248,28 @@ def interactive_loop(engine: Engine, tok: Tokenizer, config: dict, seed: int, in
 def main(argv: list[str] | None = None) -> None:
     """The command line; every user error ends with a one-line message and exit status 2."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    config = dict(DEFAULTS)
     try:
         chinese = generate_command(argv, DEFAULTS)  # GPT2-Chinese's generate.py flags, mapped onto ours
         config = get_config(DEFAULTS, chinese.argv if chinese else argv, ALIASES, types=TYPES)
         try:
-            settings_from(config, None).check()
+            SamplingSettings.from_config(config).check()
         except ValueError as e:
             raise UserError(f"--{e}") from None
-        prompt = read_prompt(config["start"])
-        rt = init_runtime(config["device"], config["dtype"], config["compile"])
-        use_decode_threads(rt.device_type)  # fewer threads beside busy processes
+        prompt = check_text(read_prompt(config["start"]), "the prompt")
+        if config["save_samples"]:
+            check_samples_folder(config["save_samples_path"])
         default_out = not config["init_from"] and config["out_dir"] == DEFAULTS["out_dir"]
-        path = resolve_source(config["init_from"] or config["out_dir"], newest_fallback=default_out)
-        model, tok = load_model(path, config["vocab"], rt.device, rt.dtype, quantize=config["quantize"])
+        gen = load_generator(config["init_from"] or config["out_dir"], vocab=config["vocab"], device=config["device"],
+                             dtype=config["dtype"], compile=config["compile"], quantize=config["quantize"],
+                             newest_fallback=default_out, compile_note="the first tokens wait for it",
+                             ngram=config["ngram"], dataset=config["dataset"], data_dir=config["data_dir"])
+        engine, tok = gen.engine, gen.tok
         if chinese and chinese.length_from_model:
-            config["max_new_tokens"] = model.config.block_size  # --length -1: the model's n_ctx
+            config["max_new_tokens"] = engine.model.config.block_size  # --length -1: the model's n_ctx
         if not config["interactive"] and len(tok.encode(prompt)) == 0:
             raise UserError('empty prompt; give some text with --start, or --start "[CLS]" to begin a new text')
-        index = None
-        if config["min_copy"] > 0:
-            index, note = copy_index_for(path, tok)
-            print(note, file=sys.stderr)
-        if config["ngram"] not in ("on", "off"):
-            raise UserError(f"--ngram must be on or off, got {config['ngram']!r}")
-        memory, note = load_memory(path, tok, model, config["ngram"], config["dataset"], config["data_dir"])
-        print(f"note: {note}", file=sys.stderr)
-        engine = Engine(model, memory)
-        if rt.compile:
-            print("note: compiling the decode step; the first tokens wait for it", file=sys.stderr)
-            engine.compile()
+        index = gen.copy_index() if config["min_copy"] > 0 else None
         seed = config["seed"] if config["seed"] >= 0 else random.SystemRandom().randrange(2**31)
         if config["interactive"]:
             interactive_loop(engine, tok, config, seed, index)
@@ -265,6 +282,12 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         raise SystemExit(130)
+    except (RuntimeError, MemoryError) as e:
+        short = out_of_memory(e)
+        if short is None:
+            raise
+        exit_with_error(f"{short} while generating: lower --num_samples (now {config['num_samples']}) or "
+                        f"--max_new_tokens (now {config['max_new_tokens']}), or use --quantize=int8 on a CPU")
 
 
 if __name__ == "__main__":

@@ -30,9 +30,9 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator, Iterator, get_type_hints
 from urllib.parse import urlsplit
 
 import torch
@@ -41,14 +41,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.exceptions import HTTPException
 
-from checkpoint import load_model, resolve_source
-from configurator import UserError, exit_with_error, get_config
-from copycheck import DEFAULT_MIN_COPY, GRAM, CopyIndex, copy_index_for, find_copies
+from configurator import Options, UserError, exit_with_error, get_config
+from copycheck import DEFAULT_MIN_COPY, GRAM, CopyIndex, find_copies
 from engine import Engine, SamplingSettings
-from runtime import init_runtime, use_decode_threads
+from startup import MEMORY_OPTIONS, load_generator
 from tokenizer import Tokenizer
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -62,30 +61,25 @@ STOPPING = "the server is stopping; start it again to go on"
 MESSAGES = {"string_unicode": "not valid Unicode text (it holds a lone surrogate such as \\ud800)"}
 
 TYPES = dict(compile=bool)  # keys whose default None means auto
-DEFAULTS = dict(
-    out_dir="out",  # the best checkpoint, out_dir/ckpt.pt, is served
-    init_from="",  # or a GPT2-Chinese / Hugging Face GPT-2 folder, or a .pt checkpoint file
-    vocab="",  # vocab.txt for an --init_from folder (defaults to the folder's vocab.txt)
-    host="127.0.0.1",  # anything but a loopback address exposes the model to the network: at your own risk
-    port=8000,
+DEFAULTS = Options(
+    out_dir=("out", "the best checkpoint, out_dir/ckpt.pt, is served"),
+    init_from=("", "or a GPT2-Chinese / Hugging Face GPT-2 folder, or a .pt checkpoint file"),
+    vocab=("", "vocab.txt for an --init_from folder (defaults to the folder's vocab.txt)"),
+    host=("127.0.0.1", "anything but a loopback address exposes the model to the network: at your own risk"),
+    port=(8000, "0: any free port"),
     # the page's starting values; each request may change them within the limits below
-    num_samples=1,  # candidates written side by side, 1 to 4
-    max_new_tokens=200,  # characters per candidate
-    temperature=1.0,
-    top_k=8,  # 0 = off
-    top_p=1.0,  # 1 = off
-    repetition_penalty=1.0,
-    ignore_eos=False,  # keep going past a generated end of text
+    **SamplingSettings.options(max_new_tokens=200),
     # limits, enforced on the server
-    max_prompt_chars=20000,  # the longest story a request may send (the model reads its last block_size tokens)
-    max_tokens_limit=2000,  # the most characters a request may ask for per candidate
-    max_waiting=32,  # requests that may wait in the queue; more get 503
-    min_copy=DEFAULT_MIN_COPY,  # copy check: mark spans of at least this many characters found in the training text
-    copy_check=True,  # False: no copy check (no index is built)
-    device="auto",  # auto, cpu, cuda, cuda:1, mps, or a GPU index such as 0 or 1
-    dtype="auto",  # auto, float32, bfloat16, float16
-    quantize="none",  # int8: int8 weights with per-channel scales; on a CPU 1.8x faster decoding than float32
-    compile=None,  # torch.compile the one-token decode step; None: auto (on for CUDA on Linux)
+    max_prompt_chars=(20000, "the longest story a request may send (the model reads its last block_size tokens)"),
+    max_tokens_limit=(2000, "the most characters a request may ask for per candidate"),
+    max_waiting=(32, "requests that may wait in the queue; more get 503"),
+    min_copy=(DEFAULT_MIN_COPY, "copy check: mark spans of at least this many characters found in the training text"),
+    copy_check=(True, "False: no copy check (no index is built)"),
+    **MEMORY_OPTIONS,
+    device=("auto", "auto, cpu, cuda, cuda:1, mps, or a GPU index such as 0 or 1"),
+    dtype=("auto", "auto, float32, bfloat16, float16"),
+    quantize=("none", "int8: int8 weights with per-channel scales, for faster decoding on a CPU"),
+    compile=(None, "torch.compile the one-token decode step; None: auto (on for CUDA on Linux)"),
 )
 ALIASES = dict(length="max_new_tokens", nsamples="num_samples", topk="top_k", topp="top_p",
                model_path="init_from", tokenizer_path="vocab")
@@ -222,22 +216,23 @@ class Scheduler:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
-def request_model(limits: Limits, vocab_size: int) -> type[BaseModel]:
-    """The body of /api/generate, its bounds taken from the server's limits."""
-
-    class GenerateRequest(BaseModel):
-        # NaN and Infinity are JSON to Python's parser, but no setting: they are refused as not finite
-        model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-        prompt: str = Field(min_length=1, max_length=limits.max_prompt_chars)
-        max_new_tokens: int = Field(200, ge=1, le=limits.max_new_tokens)
-        num_samples: int = Field(1, ge=1, le=MAX_CANDIDATES)
-        temperature: float = Field(1.0, ge=0, le=5)
-        top_k: int = Field(8, ge=0, le=vocab_size)
-        top_p: float = Field(1.0, gt=0, le=1)
-        repetition_penalty: float = Field(1.0, gt=0, le=10)
-        seed: int | None = Field(None, ge=0, le=2**63 - 1)
-
-    return GenerateRequest
+def request_model(limits: Limits, vocab_size: int, defaults: SamplingSettings) -> type[BaseModel]:
+    """The body of /api/generate: a prompt and SamplingSettings' options with their bounds, the server's limits
+    as the upper ones. ignore_eos is not in it: the server's --ignore_eos holds for every request."""
+    highs = {"max_new_tokens": limits.max_new_tokens, "num_samples": MAX_CANDIDATES, "top_k": vocab_size}
+    kinds = get_type_hints(SamplingSettings)
+    body: dict[str, tuple] = {"prompt": (str, Field(min_length=1, max_length=limits.max_prompt_chars))}
+    for f in fields(SamplingSettings):
+        if f.name == "ignore_eos":
+            continue
+        bounds = {("gt" if f.metadata["above"] else "ge"): f.metadata["low"]}
+        high = highs.get(f.name, f.metadata["request_high"] if f.metadata["request_high"] is not None
+                         else f.metadata["high"])
+        if high is not None:
+            bounds["le"] = high
+        body[f.name] = (kinds[f.name], Field(getattr(defaults, f.name), **bounds))
+    # NaN and Infinity are JSON to Python's parser, but no setting: they are refused as not finite
+    return create_model("GenerateRequest", __config__=ConfigDict(extra="forbid", allow_inf_nan=False), **body)
 
 
 class StopRequest(BaseModel):
@@ -326,7 +321,7 @@ def create_app(model: torch.nn.Module | Engine, tok: Tokenizer, *, name: str = "
     GET / (the page), GET /api/info, POST /api/generate (server-sent events), POST /api/stop."""
     engine = model if isinstance(model, Engine) else Engine(model)
     defaults = defaults or SamplingSettings(max_new_tokens=200)
-    GenerateRequest = request_model(limits, tok.vocab_size)
+    GenerateRequest = request_model(limits, tok.vocab_size, defaults)
     state: dict[str, Scheduler] = {}
 
     @asynccontextmanager
@@ -472,8 +467,7 @@ def check_config(config: dict) -> SamplingSettings:
                            ("max_new_tokens", 1, config["max_tokens_limit"])):
         if not low <= config[key] <= high:
             raise UserError(f"--{key} must be between {low} and {high}, got {config[key]}")
-    settings = SamplingSettings(**{k: config[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p",
-                                                           "repetition_penalty", "num_samples", "ignore_eos")})
+    settings = SamplingSettings.from_config(config)
     try:
         settings.check()
     except ValueError as e:
@@ -509,22 +503,16 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config = get_config(DEFAULTS, argv, ALIASES, types=TYPES)
         defaults = check_config(config)
-        rt = init_runtime(config["device"], config["dtype"], config["compile"])
-        use_decode_threads(rt.device_type)  # fewer threads beside busy processes
         default_out = not config["init_from"] and config["out_dir"] == DEFAULTS["out_dir"]
-        path = resolve_source(config["init_from"] or config["out_dir"], newest_fallback=default_out)
-        model, tok = load_model(path, config["vocab"], rt.device, rt.dtype, quantize=config["quantize"])
+        gen = load_generator(config["init_from"] or config["out_dir"], vocab=config["vocab"], device=config["device"],
+                             dtype=config["dtype"], compile=config["compile"], quantize=config["quantize"],
+                             newest_fallback=default_out, compile_note="the first request waits for it",
+                             ngram=config["ngram"], dataset=config["dataset"], data_dir=config["data_dir"])
+        engine, tok, path = gen.engine, gen.tok, gen.path
+        copy_index = gen.copy_index() if config["copy_check"] else None
         if defaults.top_k > tok.vocab_size:  # every request from the page, which starts with it, would get 422
             raise UserError(f"--top_k must be at most {tok.vocab_size} (the vocabulary size; 0 = off), "
                             f"got {defaults.top_k}")
-        engine = Engine(model)
-        if rt.compile:
-            print("note: compiling the decode step; the first request waits for it", file=sys.stderr)
-            engine.compile()
-        copy_index = None
-        if config["copy_check"]:
-            copy_index, note = copy_index_for(path, tok)
-            print(note, file=sys.stderr)
         loopback = is_loopback(config["host"])
         allowed = ["127.0.0.1", "localhost", "::1"] if loopback else None
         app = create_app(engine, tok, name=str(path), defaults=defaults, copy_index=copy_index,

@@ -68,14 +68,15 @@ def bert_normalize(text: str) -> str:
     return "".join(c for c in unicodedata.normalize("NFD", text.lower()) if unicodedata.category(c) != "Mn")
 
 
-def common_characters() -> list[str]:
-    """Characters everyday Chinese prompts use, most useful first: ASCII, punctuation, GB2312, Big5."""
+def common_characters(gb2312_level_2: bool = True) -> list[str]:
+    """Characters everyday Chinese prompts use, most useful first: ASCII, punctuation, GB2312 (without its
+    3,008 rarer level-2 hanzi when not gb2312_level_2), Big5's frequently used hanzi."""
     chars = list(string.printable[:95])  # digits, letters, punctuation, space
     chars += list("，。、；：？！“”‘’（）《》〈〉【】「」『』…—～·")
     chars += [chr(c) for c in range(0x3000, 0x3040)]  # CJK symbols and punctuation
     chars += [chr(c) for c in range(0xFF01, 0xFF5F)]  # full-width forms
     # GB2312 hanzi: rows 16-55 are level 1 (3,755 most frequent), rows 56-87 level 2 (3,008).
-    for row in range(0xB0, 0xF8):
+    for row in range(0xB0, 0xF8 if gb2312_level_2 else 0xD8):
         for col in range(0xA1, 0xFF):
             try:
                 chars.append(bytes([row, col]).decode("gb2312"))

@@ -5,146 +5,48 @@
     python train.py config/novel_small.py --init_from=resume    # go on from out_dir/last.pt
     torchrun --standalone --nproc_per_node=4 train.py config/novel_small.py
 
-Settings are the keys of DEFAULTS below; a config file or --key=value overrides them.
+Settings are the keys of DEFAULTS in trainsettings.py; a config file or --key=value overrides them.
 Writes out_dir/ckpt.pt (best validation loss, for sample.py), out_dir/last.pt (latest, for
 resume), out_dir/metrics.jsonl and out_dir/loss.png.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
+import shlex
 import signal
+import socket
 import sys
 import time
+import urllib.parse
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
-from checkpoint import check_vocab, checkpoint_state, fine_tune_vocab, model_from_checkpoint, read_checkpoint
+from checkpoint import (check_vocab, checkpoint_state, fine_tune_vocab, model_from_checkpoint, read_checkpoint,
+                        resolve_source)
 from configurator import UserError, exit_with_error, get_config
-from dataset import Dataset, open_dataset
-from files import FolderLock, atomic_torch_save, remove_stale_temps
+from dataset import Dataset, open_dataset, vocab_size_of
+from files import FolderLock, atomic_torch_save, remove_stale_temps, temp_path
 from gpt2chinese import train_command
 from hf import load_hf_gpt2
 from memory import estimate_report, plan_memory
 from mixture import aligned_parts, fit_mixture, fit_weights, mixture_loss
 from ngram import InterpolatedKneserNey, load_ngram
-from model import GPT, GPTConfig, peak_flops_for
+from model import GPT
 from optim import decay_start, lr_factor, make_optimizers, set_lr, train_step
-from runtime import Runtime, init_runtime
+from preparing import prepare_default_corpus
+from runtime import Runtime, init_runtime, out_of_memory, peak_flops_for
+from trainsettings import (DEFAULTS, SHAPE_KEYS, TYPES, check_config, gpt_config, optimizer_settings, schedule,
+                           training_shape)
 
-TYPES = dict(compile=bool)  # keys whose default None means auto
-DEFAULTS = dict(
-    # data and output
-    dataset="hongloumeng",  # folder under data_dir written by prepare.py
-    data_dir="data",
-    out_dir="out",
-    init_from="scratch",  # 'scratch', 'resume' (out_dir/last.pt) or a GPT2-Chinese / HF GPT-2 model folder
-    overwrite=False,  # True: a new run may replace the trained model already in out_dir
-    # model (vocab_size comes from the dataset)
-    n_layer=10,
-    n_head=12,
-    n_embd=768,
-    block_size=512,
-    dropout=0.1,
-    bias=True,
-    # from scratch, the LM head trains only on the tokens the training text uses, plus one row the others share:
-    # 红楼梦 uses 4,343 of 13,317, and novel_cpu's step runs 1.8x faster. Off when fine-tuning a model folder,
-    # whose other rows hold what it learnt. The saved model is a plain GPT-2 either way.
-    used_vocab_head=True,
-    # the novel's memory: a count model of the training text (modified Kneser-Ney of this order; 0 = off), mixed
-    # with the GPT per character wherever the model predicts; its weights are fitted on the val split at the end
-    ngram_order=5,
-    ngram_train=False,  # train the GPT through the mixture (leave-one-out counts on the training text)
-    ngram_train_weight=0.5,  # the memory's weight in that training loss
-    # batch: tokens per optimizer step = batch_size * block_size * gradient_accumulation_steps
-    batch_size=8,
-    gradient_accumulation_steps=4,  # in total, divided among the processes under torchrun
-    gpu_memory="",  # 'auto' (free GPU memory) or a size ('8GB'): the largest micro-batch that fits, same tokens/step
-    # length: max_iters if it is above 0, else epochs over the training tokens; with time_budget (seconds of
-    # wall time, compiling and evaluations included) that is an upper bound, and the run plans its length to end
-    # within the budget on this machine
-    max_iters=0,
-    epochs=15.0,
-    time_budget=0.0,
-    # optimizer: 'muon' (Muon for the blocks' weight matrices, AdamW at learning_rate for embeddings,
-    # biases and LayerNorm) or 'adamw' (AdamW for everything)
-    optimizer="muon",
-    muon_lr=0.02,
-    muon_momentum=0.95,
-    muon_weight_decay=0.0,
-    learning_rate=3e-4,  # AdamW's peak rate
-    # schedule, the same curve for every rate: warm-up, then 'cosine' decay, or 'wsd' (stable, then a linear
-    # decay over the last decay_frac of the run), down to min_lr_ratio of the peak
-    lr_schedule="wsd",
-    decay_frac=0.3,
-    min_lr_ratio=0.1,
-    warmup_iters=200,
-    decay_lr=True,
-    weight_decay=0.1,
-    beta1=0.9,
-    beta2=0.95,
-    grad_clip=1.0,
-    # evaluation, logging, checkpoints
-    eval_interval=250,
-    eval_iters=40,
-    patience=0,  # evaluations without a better val loss before saying the model memorises the text; 0 = off
-    early_stop=False,  # with patience: stop training there (the best checkpoint is kept)
-    log_interval=10,
-    wandb_log=False,
-    wandb_project="novelgpt",
-    wandb_run_name="",  # empty: "<dataset>-<time>"
-    # system
-    device="auto",  # 'auto' (CUDA, else MPS, else CPU), 'cpu', 'cuda', 'cuda:1', 'mps'
-    dtype="auto",  # 'auto', 'float32', 'bfloat16', 'float16'
-    compile=None,  # None: auto (on for CUDA on Linux); True or False to force
-    peak_flops=0.0,  # the GPU's dense bf16 peak FLOP/s for MFU; 0: look it up by GPU name
-    seed=1337,
-    estimate_memory=False,  # print the memory this run needs (no GPU or dataset needed) and exit
-)
-SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")  # fixed once a model exists
-
-
-# ------------------------------------------------------------------ settings
-
-def check_config(config: dict) -> None:
-    """Every setting checked up front, so a mistake is one line before any work, not a traceback later."""
-    positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
-                "eval_interval", "eval_iters", "log_interval", "learning_rate")
-    for key in positive:
-        if config[key] <= 0:
-            raise UserError(f"--{key} must be above 0, got {config[key]}")
-    for key in ("max_iters", "warmup_iters", "min_lr_ratio", "weight_decay", "grad_clip", "peak_flops", "patience",
-                "muon_lr", "muon_weight_decay", "time_budget"):
-        if config[key] < 0:
-            raise UserError(f"--{key} must be 0 or more, got {config[key]}")
-    if config["max_iters"] == 0 and config["epochs"] <= 0:
-        raise UserError(f"--epochs must be above 0 (or set --max_iters), got {config['epochs']}")
-    if not 0 <= config["dropout"] < 1:
-        raise UserError(f"--dropout must be in [0, 1), got {config['dropout']}")
-    for key in ("beta1", "beta2"):
-        if not 0 <= config[key] < 1:
-            raise UserError(f"--{key} must be in [0, 1), got {config[key]}")
-    for key, choices in (("optimizer", ("muon", "adamw")), ("lr_schedule", ("wsd", "cosine"))):
-        if config[key] not in choices:
-            raise UserError(f"--{key} must be {' or '.join(choices)}, got {config[key]!r}")
-    if not 0 < config["decay_frac"] <= 1 or not 0 <= config["muon_momentum"] < 1:
-        raise UserError("--decay_frac must be in (0, 1] and --muon_momentum in [0, 1)")
-    if not 0 <= config["ngram_order"] <= 12:
-        raise UserError(f"--ngram_order must be in 0..12 (0 = no memory), got {config['ngram_order']}")
-    if not 0 < config["ngram_train_weight"] < 1:
-        raise UserError(f"--ngram_train_weight must be in (0, 1), got {config['ngram_train_weight']}")
-    if config["ngram_train"] and not config["ngram_order"]:
-        raise UserError("--ngram_train needs the memory: give --ngram_order above 0")
-    if config["n_embd"] % config["n_head"]:
-        raise UserError(f"--n_embd {config['n_embd']} must be a multiple of --n_head {config['n_head']}")
-    for key in ("dataset", "out_dir", "data_dir"):
-        if not config[key]:
-            raise UserError(f"--{key} must not be empty")
+WANDB_TIMEOUT = 20  # seconds a reachable wandb server gets to start the run before it is logged offline
 
 
 # ------------------------------------------------------------------ the model and its optimizer
@@ -152,15 +54,20 @@ def check_config(config: dict) -> None:
 def new_model(config: dict, dataset: Dataset) -> GPT:
     """A model to train from scratch, or the GPT2-Chinese / Hugging Face folder config['init_from']."""
     if config["init_from"] == "scratch":
-        return GPT(GPTConfig(block_size=config["block_size"], vocab_size=dataset.tokenizer.vocab_size,
-                             n_layer=config["n_layer"], n_head=config["n_head"], n_embd=config["n_embd"],
-                             dropout=config["dropout"], bias=config["bias"]))
+        return GPT(gpt_config(config, dataset.tokenizer.vocab_size))
+    source = config["init_from"]
+    if not os.path.exists(source):
+        close = difflib.get_close_matches(source, ["scratch", "resume"], n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else " (give scratch, resume, a model folder or a .pt file)"
+        raise UserError(f"--init_from {source} does not exist{hint}")
+    if not os.path.isfile(os.path.join(source, "config.json")):
+        return checkpoint_model(config, dataset, resolve_source(source))
     try:
-        model = load_hf_gpt2(config["init_from"], dropout=config["dropout"])
+        model = load_hf_gpt2(source, dropout=config["dropout"])
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot fine-tune from {config['init_from']}: {e}") from None
+        raise UserError(f"cannot fine-tune from {source}: {e}") from None
     # the checkpoints carry the folder's tokenizer metadata on; a vocabulary that is not the model's is refused
-    dataset.tokenizer = fine_tune_vocab(config["init_from"], dataset, config.get("vocab", ""))
+    dataset.tokenizer = fine_tune_vocab(config["init_from"], dataset)
     if model.config.vocab_size != dataset.tokenizer.vocab_size:
         raise UserError(f"{config['init_from']} has {model.config.vocab_size} tokens but dataset {dataset.folder} "
                         f"has {dataset.tokenizer.vocab_size}; prepare it with --vocab <the model's vocab.txt>")
@@ -168,6 +75,37 @@ def new_model(config: dict, dataset: Dataset) -> GPT:
         raise UserError(f"block_size {config['block_size']} is longer than the model's "
                         f"{model.config.block_size} positions; use --block_size={model.config.block_size}")
     return model
+
+
+def checkpoint_model(config: dict, dataset: Dataset, path: str) -> GPT:
+    """The weights of a .pt checkpoint (or a run folder's ckpt.pt) to fine-tune: a new run, its own optimizer."""
+    checkpoint = read_checkpoint(path)
+    checkpoint["model_args"] = dict(checkpoint["model_args"], dropout=config["dropout"])  # the run's setting
+    model, tok = model_from_checkpoint(checkpoint, path)
+    check_vocab(tok, path, dataset.tokenizer, str(dataset.folder), "train it on its own dataset "
+                f"(--dataset={checkpoint.get('config', {}).get('dataset')}), or export it with export.py and prepare "
+                "the text with --vocab <the export's vocab.txt>")
+    dataset.tokenizer = tok  # the same tokens; the checkpoint's own metadata goes on
+    if config["block_size"] > model.config.block_size:
+        raise UserError(f"block_size {config['block_size']} is longer than the model's "
+                        f"{model.config.block_size} positions; use --block_size={model.config.block_size}")
+    return model
+
+
+def check_model_fits(config: dict, vocab_size: int, rt: Runtime) -> None:
+    """Refuse, before building it, a model whose weights, gradients and AdamW moments alone exceed the device's
+    memory (a mistyped --n_layer or --n_embd would otherwise allocate until the machine runs out)."""
+    n_embd = config["n_embd"]
+    parameters = config["n_layer"] * 12 * n_embd * n_embd + (vocab_size + config["block_size"]) * n_embd
+    needed = 16 * parameters  # float32 weights, gradients and two optimizer moments
+    if rt.device_type == "cuda":
+        available = torch.cuda.get_device_properties(rt.device).total_memory
+    else:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > available:
+        raise UserError(f"a model of {parameters:.3g} parameters (--n_layer {config['n_layer']}, --n_embd {n_embd}) "
+                        f"needs {needed / 2**30:,.1f} GB for its weights, gradients and optimizer state alone, and "
+                        f"{rt.device} has {available / 2**30:,.1f} GB: lower --n_layer or --n_embd")
 
 
 def resumed_model(config: dict, dataset: Dataset) -> tuple[GPT, dict]:
@@ -201,9 +139,11 @@ def resumed_model(config: dict, dataset: Dataset) -> tuple[GPT, dict]:
 
 @torch.no_grad()
 def estimate_loss(model: GPT, dataset: Dataset, config: dict, rt: Runtime,
-                  val_memory: np.ndarray | None = None) -> dict[str, float]:
+                  val_memory: np.ndarray | None = None, stopping: Callable[[], bool] = lambda: False
+                  ) -> dict[str, float] | None:
     """Mean loss over eval_iters batches per split; the same batches every time, so evals compare.
-    val_memory (2, N_val): the memory's parts on val; then also the mixture's val loss on the same batches."""
+    val_memory (2, N_val): the memory's parts on val; then also the mixture's val loss on the same batches.
+    None when `stopping` says so before a batch (Ctrl-C or SIGTERM): a long evaluation stops within one batch."""
     model.tie_unused_rows()  # evaluation runs the whole head
     model.eval()
     losses, parts = {}, []
@@ -211,6 +151,9 @@ def estimate_loss(model: GPT, dataset: Dataset, config: dict, rt: Runtime,
         generator = torch.Generator().manual_seed(config["seed"])
         total = 0.0
         for _ in range(config["eval_iters"]):
+            if stopping():
+                model.train()
+                return None
             if split == "val" and val_memory is not None:
                 x, y, memory = dataset.get_batch(split, config["batch_size"], config["block_size"], generator,
                                                  rt.device, aligned=val_memory)  # memory (B, 2, T)
@@ -240,28 +183,54 @@ class MetricsLog:
         self.path = out_dir / "metrics.jsonl" if rt.master else None
         self.run = None
         self.start = time.monotonic()  # each record's "seconds": wall time of this process, compiling included
-        if self.path and fresh:
-            self.path.unlink(missing_ok=True)  # a new run's curves must not mix with an old one's
+        # A new run's curves must not mix with an old one's, but the old ones stay until this run has saved a
+        # checkpoint to replace that run's model with: until then the records go to a temporary file.
+        self.pending = temp_path(self.path) if self.path and fresh else None
+        if self.pending:
+            self.pending.unlink(missing_ok=True)
         if self.path and config["wandb_log"]:
             import wandb
-            mode = wandb_mode()
-            self.run = wandb.init(project=config["wandb_project"], name=config["wandb_run_name"] or
-                                  f"{config['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}", config=config,
-                                  mode=mode, dir=str(out_dir))
+            mode, why = wandb_mode(), "no login found"
+            if mode == "online":
+                unreachable = wandb_unreachable()
+                if unreachable:
+                    mode, why = "offline", f"cannot reach {unreachable}"
+            arguments = dict(project=config["wandb_project"], name=config["wandb_run_name"] or
+                             f"{config['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}", config=config, dir=str(out_dir))
+            try:
+                online = dict(settings=wandb.Settings(init_timeout=WANDB_TIMEOUT)) if mode == "online" else {}
+                self.run = wandb.init(**arguments, mode=mode, **online)
+            except Exception as e:  # the server answered but would not start the run (a bad key, a timeout, ...)
+                if mode != "online":
+                    raise
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+                mode, why = "offline", f"the server refused the run ({first})"
+                self.run = wandb.init(**arguments, mode=mode)
             if mode == "offline":
-                print(f"wandb: no login found, logging offline; upload later with: "
+                print(f"wandb: {why}, logging offline; upload later with: "
                       f"wandb sync {self.run.dir.rsplit('/files', 1)[0]}")
 
     def log(self, record: dict) -> None:
         record = dict(record, seconds=round(time.monotonic() - self.start, 1))
         if self.path:
-            with open(self.path, "a", encoding="utf-8") as f:
+            with open(self.pending or self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
         if self.run is not None:
             self.run.log(record, step=record["iter"])
 
+    def saved(self) -> None:
+        """A checkpoint of this run is on disk: its records replace the previous run's metrics.jsonl now."""
+        if self.pending:
+            if self.pending.exists():
+                os.replace(self.pending, self.path)
+            else:
+                self.path.unlink(missing_ok=True)
+            self.pending = None
+
     def close(self) -> None:
-        if self.path and self.path.exists():
+        if self.pending:  # nothing was saved: the previous run's metrics.jsonl and loss.png stay as they were
+            self.pending.unlink(missing_ok=True)
+        elif self.path and self.path.exists():
             plot_losses(self.path)
         if self.run is not None:
             self.run.finish()
@@ -278,6 +247,18 @@ def wandb_mode() -> str:
         return "online" if netrc.netrc().authenticators("api.wandb.ai") else "offline"
     except (OSError, netrc.NetrcParseError):
         return "offline"
+
+
+def wandb_unreachable(timeout: float = 3.0) -> str | None:
+    """None when wandb's server (WANDB_BASE_URL, else api.wandb.ai) takes a connection within timeout seconds,
+    else the address and the reason: a run then logs offline at once instead of waiting minutes for it."""
+    url = urllib.parse.urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    host, port = url.hostname or "api.wandb.ai", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return None
+    except OSError as e:
+        return f"{host}:{port} ({e.strerror or e})"
 
 
 def plot_losses(metrics_path: Path) -> None:
@@ -318,12 +299,13 @@ class StopRequest:
 
     def __init__(self, master: bool):
         self.requested, self.master = False, master
+        self.signal = signal.SIGINT  # the first one received: the exit status says which (130 or 143)
         self.old = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def handle(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signal = True, signal.Signals(signum)
         if self.master:
             print(f"\n{signal.Signals(signum).name}: finishing this step, then saving (Ctrl-C again to quit now)")
 
@@ -437,13 +419,21 @@ def setup_run(config: dict, rt: Runtime, stack: ExitStack) -> Run:
     out_dir = claim_out_dir(config, rt, stack)
     if rt.ddp and not rt.master:
         torch.distributed.barrier()  # rank 0 prepares the default corpus if it is missing
+    if rt.master:
+        prepare_default_corpus(config["data_dir"], config["dataset"])
     dataset = open_dataset(config["data_dir"], config["dataset"], config["block_size"])
     if rt.ddp and rt.master:
         torch.distributed.barrier()
+    data, out = dataset.folder.resolve(), out_dir.resolve()
+    if out == data or data in out.parents:
+        raise UserError(f"--out_dir {out_dir} and the dataset folder {dataset.folder} overlap; prepare.py owns the "
+                        f"dataset folder, so write the run elsewhere: --out_dir=out-{config['dataset']}")
     if rt.master:
         stack.enter_context(FolderLock(dataset.folder, "training", shared=True))
     if (config["batch_size"] * config["gradient_accumulation_steps"]) % rt.world_size:
         raise UserError(f"batch_size x gradient_accumulation_steps must be divisible by the {rt.world_size} processes")
+    if config["init_from"] == "scratch":
+        check_model_fits(config, dataset.tokenizer.vocab_size, rt)
     checkpoint = None
     if config["init_from"] == "resume":
         model, checkpoint = resumed_model(config, dataset)
@@ -459,7 +449,8 @@ def setup_run(config: dict, rt: Runtime, stack: ExitStack) -> Run:
             step_model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
     tokens_per_iter = config["batch_size"] * config["gradient_accumulation_steps"] * config["block_size"]
     max_iters = config["max_iters"] or math.ceil(config["epochs"] * dataset.meta["train_tokens"] / tokens_per_iter)
-    run = Run(config, rt, dataset, out_dir, model, step_model, make_optimizers(model, config, rt.device_type),
+    optimizers = make_optimizers(model, optimizer_settings(config), rt.device_type)
+    run = Run(config, rt, dataset, out_dir, model, step_model, optimizers,
               torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16),
               torch.Generator().manual_seed(config["seed"]), MetricsLog(out_dir, config, rt, fresh=checkpoint is None),
               max_iters, tokens_per_iter, dataset.fingerprint())
@@ -485,14 +476,18 @@ def setup_run(config: dict, rt: Runtime, stack: ExitStack) -> Run:
 def save(run: Run, name: str, full: bool) -> None:
     if run.rt.master:
         atomic_torch_save(run.state(full), run.out_dir / name)
+        run.log.saved()
 
 
-def evaluate_and_save(run: Run) -> dict[str, float]:
-    """Estimate the losses, log them, keep the best checkpoint and the latest training state."""
+def evaluate_and_save(run: Run, stopping: Callable[[], bool] = lambda: False) -> dict[str, float] | None:
+    """Estimate the losses, log them, keep the best checkpoint and the latest training state; None when
+    stopped during the evaluation (nothing logged or saved then)."""
     if run.dataset.fingerprint() != run.fingerprint:
         raise UserError(f"{run.dataset.folder} was prepared again during training; stopped (the last good "
                         "checkpoint is kept). Prepare new data under another --name while a run uses it")
-    losses = estimate_loss(run.raw_model, run.dataset, run.config, run.rt, run.val_memory)
+    losses = estimate_loss(run.raw_model, run.dataset, run.config, run.rt, run.val_memory, stopping)
+    if losses is None:
+        return None
     if not all(map(math.isfinite, losses.values())):
         raise FloatingPointError(f"the loss became {losses['train']} at iteration {run.iter_num}")
     val = losses["val"]
@@ -610,7 +605,7 @@ class LengthPlanner:
         self.eval_seconds = seconds
         self.eval_in_window += seconds
         if (self.enabled and self.planned and run.iter_num < run.max_iters
-                and run.iter_num < decay_start(run.config, run.max_iters)):
+                and run.iter_num < decay_start(schedule(run.config), run.max_iters)):
             self.plan(run)
 
     def plan(self, run: Run) -> None:
@@ -631,13 +626,24 @@ class LengthPlanner:
         self.mark_iter, self.mark_time, self.eval_in_window = run.iter_num, now, 0.0
 
 
+def dataset_vocab_size(config: dict) -> int:
+    return vocab_size_of(Path(config["data_dir"]) / config["dataset"])
+
+
+def fit_memory(config: dict, rt: Runtime) -> dict:
+    """config with the micro-batch and accumulation that --gpu_memory's budget chose (memory.plan_memory)."""
+    shape = plan_memory(training_shape(config, dataset_vocab_size(config)), config["gpu_memory"], rt)
+    return dict(config, batch_size=shape.batch_size, gradient_accumulation_steps=shape.gradient_accumulation_steps)
+
+
 def train(config: dict) -> dict:
     """Run training as `config` says; returns the final iteration and losses."""
     check_config(config)
     start = LengthPlanner.clock()
     rt = init_runtime(config["device"], config["dtype"], config["compile"], seed=config["seed"])
-    config = plan_memory(config, rt)
-    losses, stopped = {}, False
+    config = fit_memory(config, rt)
+    curve = schedule(config)
+    losses, stopped, run = {}, None, None
     try:
         with ExitStack() as stack:
             run = setup_run(config, rt, stack)
@@ -647,15 +653,21 @@ def train(config: dict) -> dict:
             micro_batch = config["batch_size"]
             loss_sum, t0, timed_iters = torch.zeros((), device=rt.device), time.time(), 0
             while True:
+                evaluated = False
                 if run.iter_num % config["eval_interval"] == 0 or run.iter_num >= run.max_iters:
                     eval_start = planner.clock()
-                    losses = evaluate_and_save(run)
+                    losses = evaluate_and_save(run, lambda: stop.requested) or losses
                     eval_seconds = planner.clock() - eval_start
                     planner.after_eval(run, eval_seconds)
                     t0 += eval_seconds  # evaluation time is not training speed
+                    evaluated = True
+                # every rank evaluates at the same iteration, so they can agree on stopping right after it
+                if evaluated and stop.agreed(rt):
+                    stopped = stop_and_save(run, stop)
+                    break
                 if run.iter_num >= run.max_iters or memorising(run):
                     break
-                factor = lr_factor(run.iter_num, config, run.max_iters)
+                factor = lr_factor(run.iter_num, curve, run.max_iters)
                 set_lr(run.optimizers, factor)
                 x, y, memory = run.next_batch()
                 loss, micro_batch = step_surviving_oom(run, x, y, micro_batch, memory)
@@ -672,11 +684,7 @@ def train(config: dict) -> dict:
                     t0, timed_iters = time.time(), 0
                 # under torchrun the ranks agree on stopping at log intervals only: it costs a sync
                 if (at_log or not rt.ddp) and stop.agreed(rt):
-                    save(run, "last.pt", full=True)
-                    if rt.master:
-                        print(f"saved {run.out_dir / 'last.pt'} at iteration {run.iter_num}; resume with:\n"
-                              f"  python {' '.join(sys.argv)} --init_from=resume")
-                    stopped = True
+                    stopped = stop_and_save(run, stop)
                     break
             if rt.master and run.counts is not None and not stopped:
                 attach_mixture(run)
@@ -685,6 +693,17 @@ def train(config: dict) -> dict:
                 # every rank done before any tears gloo down: otherwise one sometimes aborted at exit
                 # ("terminate called without an active exception", 2 runs in 22 of the torchrun test)
                 torch.distributed.barrier()
+    except FloatingPointError as e:
+        raise FloatingPointError(f"{e}; training stopped, the last good checkpoint is kept. "
+                                 f"{divergence_advice(config, rt)}") from None
+    except (RuntimeError, MemoryError) as e:
+        short = out_of_memory(e)
+        if short is None:
+            raise
+        raise UserError(f"{short} at iteration {run.iter_num if run else 0} on {rt.device}: lower "
+                        f"--batch_size (now {config['batch_size']}) or --block_size (now {config['block_size']}), or "
+                        f"train a smaller model (--n_layer {config['n_layer']}, --n_embd {config['n_embd']}); "
+                        "--estimate_memory says what a setting needs") from None
     finally:
         if rt.ddp:
             torch.distributed.destroy_process_group()
@@ -710,6 +729,46 @@ def attach_mixture(run: Run) -> None:
           f"{w['cache']:.2f}); stored in {path}")
 
 
+def stop_and_save(run: Run, stop: StopRequest) -> signal.Signals:
+    """Save last.pt on a Ctrl-C or SIGTERM and print the command that resumes; returns the signal."""
+    if run.iter_num == 0:  # nothing trained yet: no state worth replacing the out_dir's files with
+        if run.rt.master:
+            print("stopped before the first step; nothing saved")
+        return stop.signal
+    save(run, "last.pt", full=True)
+    if run.rt.master:
+        print(f"saved {run.out_dir / 'last.pt'} at iteration {run.iter_num}; resume with:\n  {resume_command(sys.argv)}")
+    return stop.signal
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that resumes this run: the same one, with its own --init_from (and --overwrite) left out."""
+    kept, i = [], 1
+    while i < len(argv):
+        arg = argv[i]
+        name, has_value, _ = arg.partition("=")
+        i += 1
+        if name in ("--init_from", "--pretrained_model", "--overwrite"):
+            # the value is the next word unless given with =; a bare --overwrite takes one only if it is a bool word
+            if not has_value and i < len(argv) and (name != "--overwrite" or argv[i] in ("True", "true", "False", "false")):
+                i += 1
+            continue
+        kept.append(arg)
+    return shlex.join(["python", os.path.basename(argv[0]), *kept, "--init_from=resume"])
+
+
+def divergence_advice(config: dict, rt: Runtime) -> str:
+    """What to change after the loss became NaN or infinite; a precision is advised only if the run is not using it."""
+    rates = f"Lower --learning_rate (now {config['learning_rate']:g})"
+    if config["optimizer"] == "muon":
+        rates += f" or --muon_lr (now {config['muon_lr']:g})"
+    if rt.dtype_name == "float16":
+        return f"{rates}, or use --dtype=bfloat16 (or float32): float16 overflows easily"
+    if rt.dtype_name == "bfloat16":
+        return f"{rates}, or use --dtype=float32"
+    return f"{rates}, or raise --warmup_iters (now {config['warmup_iters']})"
+
+
 def check_ranks_in_sync(model: GPT, master: bool) -> None:
     """DDP keeps every rank's weights equal; check it once at the end (a cheap checksum)."""
     checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
@@ -729,17 +788,20 @@ def main(argv: list[str] | None = None) -> None:
         config = get_config(DEFAULTS, chinese.argv if chinese else argv, types=TYPES)
         if config["estimate_memory"]:
             check_config(config)
-            print(estimate_report(config))
+            print(estimate_report(training_shape(config, dataset_vocab_size(config)), config["gpu_memory"],
+                                  config["device"], config["dtype"], config["compile"]))
             return
         result = train(config)
         if chinese and not result["stopped"] and os.environ.get("RANK", "0") == "0":
             print(f"exported the best model to {chinese.export(config['out_dir'])} (GPT2-Chinese's final_model)")
-    except UserError as e:
+    except (UserError, FloatingPointError) as e:
         exit_with_error(e)
-    except FloatingPointError as e:
-        exit_with_error(f"{e}; training stopped, the last good checkpoint is kept. "
-                        "Lower --learning_rate or use --dtype=bfloat16/float32")
-    if not result["stopped"] and result["val_loss"] is not None:
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once
+        print("\ninterrupted", file=sys.stderr)
+        raise SystemExit(130)
+    if result["stopped"]:
+        raise SystemExit(128 + result["stopped"])  # 130 after Ctrl-C (SIGINT), 143 after SIGTERM, as shells expect
+    if result["val_loss"] is not None:
         print(f"done: {result['iter_num']} iterations, final val loss {result['val_loss']:.4f}, "
               f"best {result['best_val_loss']:.4f}")
 

@@ -17,15 +17,11 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
+from conftest import LOOPBACK, PROMPT, TinyRun, make_app, running_server
 from serve import Limits
-from test_serve import LOOPBACK, PROMPT, TinyRun, make_app, running_server, tiny_run
 
-INSTALL = "apt-get install -y chromium chromium-driver fonts-noto-cjk"
-
-
-@pytest.fixture(scope="session")
-def run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
-    return tiny_run(tmp_path_factory)
+pytestmark = pytest.mark.slow
+INSTALL = "bash tests/install-browser"
 
 
 @pytest.fixture

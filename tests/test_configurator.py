@@ -1,12 +1,13 @@
 """configurator.get_config: config files, both override forms, flags, type checks, --help."""
 
+import importlib
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from configurator import ConfigError, exit_with_error, get_config
+from configurator import ConfigError, Options, exit_with_error, get_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -194,6 +195,7 @@ def test_exit_with_error_prints_one_line_and_exits_2(capsys):
     assert capsys.readouterr().err == "error: unknown option 'x'\n"
 
 
+@pytest.mark.slow
 def test_works_from_a_script_in_a_subprocess(tmp_path):
     script = tmp_path / "script.py"
     script.write_text(
@@ -213,3 +215,31 @@ def test_works_from_a_script_in_a_subprocess(tmp_path):
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.strip().splitlines() == [bad.stderr.strip()]
     assert "did you mean --steps" in bad.stderr
+
+
+def test_options_keep_defaults_and_help_prints_each_explanation(capsys):
+    options = Options(steps=(5, "how many steps"), name=("", "empty: the input's name"))
+    assert dict(options) == {"steps": 5, "name": ""} and get_config(options, ["--steps=7"]) == {"steps": 7, "name": ""}
+    more = options.with_more(extra=(1.5, "one more"))
+    assert list(more) == ["steps", "name", "extra"] and more.explanations["steps"] == "how many steps"
+    with pytest.raises(SystemExit):
+        get_config(more, ["--help"])
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.split() == ["--steps", "5", "how", "many", "steps"] for line in lines)
+    assert any(line.startswith("  --name ") and line.endswith("''   empty: the input's name") for line in lines)
+
+
+@pytest.mark.parametrize("script", ["train", "sample", "serve", "evaluate", "export", "prepare"])
+def test_every_script_explains_every_key_in_its_help(script, capsys):
+    module = importlib.import_module(script)
+    try:
+        module.main(["--help"])
+    except SystemExit as e:
+        assert e.code == 0
+    out = capsys.readouterr().out
+    for key, default in module.DEFAULTS.items():
+        explanation = module.DEFAULTS.explanations[key]
+        assert explanation, f"{script}.py --{key} has no explanation"
+        # the last such line: sample.py and train.py list GPT2-Chinese's flags of the same names first
+        line = [line for line in out.splitlines() if line.strip().startswith(f"--{key} ")][-1]
+        assert repr(default) in line and line.endswith(explanation), line

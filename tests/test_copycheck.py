@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint import checkpoint_state
+from checkpoint import checkpoint_state, load_model
 from configurator import UserError
 from copycheck import (CACHE_PREFIX, GRAM, build_index, cache_path, copy_index_for, copy_summary, find_copies,
                        load_copy_index)
 from model import GPT, GPTConfig
-from dataset import prepare
+from preparing import prepare
 from tokenizer import Tokenizer
 
 SUBJECTS = ["宝玉", "黛玉", "凤姐", "袭人", "老太太", "贾母", "探春", "湘云", "平儿", "晴雯"]
@@ -153,13 +153,15 @@ def test_the_checkpoint_names_its_dataset(dataset, tmp_path: Path):
     model = GPT(GPTConfig(block_size=16, vocab_size=tok.vocab_size, n_layer=1, n_head=1, n_embd=8))
     config = {"dataset": folder.name, "data_dir": str(folder.parent)}
     torch.save(checkpoint_state(model, tok, config, 0, 9.9), tmp_path / "ckpt.pt")
-    index, note = copy_index_for(tmp_path / "ckpt.pt", tok)
+    metadata = load_model(str(tmp_path / "ckpt.pt")).metadata
+    index, note = copy_index_for(metadata, tmp_path / "ckpt.pt", tok)
     assert index is not None and note == f"copy check against {folder}/train.bin ({len(train):,} tokens)"
     other = Tokenizer(tok.itos[:-1] + ["龘"])
-    assert copy_index_for(tmp_path / "ckpt.pt", other) == (
+    assert copy_index_for(metadata, tmp_path / "ckpt.pt", other) == (
         None, f"copy check off: {folder} was prepared again with another vocabulary since training")
     torch.save(checkpoint_state(model, tok, {"dataset": "gone", "data_dir": str(tmp_path)}, 0, 9.9),
                tmp_path / "moved.pt")
-    assert copy_index_for(tmp_path / "moved.pt", tok)[1].startswith(
+    moved = load_model(str(tmp_path / "moved.pt")).metadata
+    assert copy_index_for(moved, tmp_path / "moved.pt", tok)[1].startswith(
         f"copy check off: the training data, {tmp_path / 'gone'}, is not here")
-    assert copy_index_for(tmp_path, tok)[0] is None  # a Hugging Face folder records no dataset
+    assert copy_index_for({}, tmp_path, tok)[0] is None  # a Hugging Face folder records no dataset

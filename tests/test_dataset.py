@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-import dataset
+import preparing
 from configurator import UserError
-from dataset import Dataset, open_dataset
+from dataset import Dataset, load_meta, open_dataset, vocab_size_of
 from files import FolderLock
 
 TEXT = "".join(f"第{k}回。宝玉笑道：“好妹妹，你又来了。”黛玉冷笑道：“我哪里敢？”\n" for k in range(200))
@@ -17,7 +17,7 @@ TEXT = "".join(f"第{k}回。宝玉笑道：“好妹妹，你又来了。”黛
 
 def make(tmp_path: Path, name: str = "n", **options) -> Path:
     (tmp_path / "n.txt").write_text(TEXT, encoding="utf-8")
-    dataset.prepare(str(tmp_path / "n.txt"), name, data_dir=str(tmp_path / "data"), block_size=32, **options)
+    preparing.prepare(str(tmp_path / "n.txt"), name, data_dir=str(tmp_path / "data"), block_size=32, **options)
     return tmp_path / "data" / name
 
 
@@ -97,3 +97,12 @@ def test_readers_share_and_keep_writers_out(tmp_path):
     assert data.fingerprint() == open_dataset(str(tmp_path / "data"), "n").fingerprint()
     make(tmp_path, vocab_size=99)
     assert open_dataset(str(tmp_path / "data"), "n").meta["vocab_size"] == 99
+
+
+def test_opening_never_prepares_not_even_the_default_corpus(tmp_path):
+    message = one_line_error(lambda: open_dataset(str(tmp_path / "data"), "hongloumeng"))
+    assert message == f"no dataset at {tmp_path / 'data' / 'hongloumeng'}; make it with: python prepare.py"
+    assert not (tmp_path / "data").exists()
+    assert vocab_size_of(tmp_path / "data" / "hongloumeng") == 13317  # the default where nothing is prepared
+    make(tmp_path, vocab_size=300)
+    assert vocab_size_of(tmp_path / "data" / "n") == len(load_meta(tmp_path / "data" / "n")["itos"]) == 300

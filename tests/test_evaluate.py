@@ -13,7 +13,7 @@ from evaluate import loss_report
 from mixture import whole_split_loss
 from ngram import kneser_ney_trigram, kneser_ney_trigram_loss, modified_kneser_ney, modified_kneser_ney_loss
 from model import GPT, GPTConfig
-from dataset import prepare
+from preparing import prepare
 
 
 def skewed_ids(rng: np.random.Generator, vocab: int, n: int) -> np.ndarray:
@@ -176,15 +176,6 @@ def test_ngram_losses_reject_ids_outside_the_vocabulary():
 
 
 # ------------------------------------------------------------------ a GPT on a whole split
-
-@pytest.fixture
-def one_thread():
-    """Tiny models run faster on one thread, and far faster on a busy machine (no threads to wait for)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_gpt(block_size: int = 16, vocab: int = 50) -> GPT:
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import dataset
+import preparing
 import export
 import train
 from checkpoint import load_model
@@ -64,7 +64,7 @@ def fine_tuned(request, tmp_path_factory):
         transformers_folder(folder, len(lines), tokenizer_class="BertTokenizer")  # as uer's hub folders say
         write_lines(folder / "vocab.txt", lines)
     (root / "novel.txt").write_text(TEXT, encoding="utf-8")
-    dataset.prepare(str(root / "novel.txt"), "novel", vocab=str(folder / "vocab.txt"), block_size=32,
+    preparing.prepare(str(root / "novel.txt"), "novel", vocab=str(folder / "vocab.txt"), block_size=32,
                     data_dir=str(root / "data"))
     config = dict(train.DEFAULTS, dataset="novel", data_dir=str(root / "data"), out_dir=str(root / "out"),
                   init_from=str(folder), block_size=32, batch_size=2, gradient_accumulation_steps=1, max_iters=3,
@@ -73,6 +73,7 @@ def fine_tuned(request, tmp_path_factory):
     return root, load_model(str(root / "out"))[1]
 
 
+@pytest.mark.slow
 def test_export_reloads_in_transformers_with_equal_logits_and_ids(fine_tuned):
     from transformers import AutoTokenizer, GPT2LMHeadModel, pipeline
     root, tok = fine_tuned
@@ -80,7 +81,7 @@ def test_export_reloads_in_transformers_with_equal_logits_and_ids(fine_tuned):
     names = sorted(p.name for p in (root / "exported").iterdir())
     assert {"config.json", "generation_config.json", "model.safetensors", "pytorch_model.bin", "vocab.txt",
             "tokenizer_config.json", "special_tokens_map.json"} <= set(names)
-    ours, _ = load_model(str(root / "out"))
+    ours, _, _ = load_model(str(root / "out"))
     with Complaints() as complaints:
         model = GPT2LMHeadModel.from_pretrained(root / "exported").eval()
         hf_tok = AutoTokenizer.from_pretrained(root / "exported")
@@ -109,6 +110,7 @@ def test_export_reloads_in_transformers_with_equal_logits_and_ids(fine_tuned):
         assert (tok.doc_start, tok.doc_end) == ("[CLS]", "[SEP]")  # uer's wrapping, from the folder
 
 
+@pytest.mark.slow
 def test_bin_only_export_loads_and_matches(fine_tuned):
     from transformers import GPT2LMHeadModel
     root, tok = fine_tuned
@@ -116,14 +118,15 @@ def test_bin_only_export_loads_and_matches(fine_tuned):
     assert not (root / "bin_only" / "model.safetensors").exists()
     assert (root / "bin_only" / "pytorch_model.bin").read_bytes()[:2] != b"PK"  # the pre-1.6 format, not a zip
     model = GPT2LMHeadModel.from_pretrained(root / "bin_only").eval()
-    ours, _ = load_model(str(root / "bin_only"))  # and our own loader reads the exported folder back
+    ours, _, _ = load_model(str(root / "bin_only"))  # and our own loader reads the exported folder back
     x = torch.as_tensor(tok.encode(PARAGRAPH)[:32])[None]
     with torch.no_grad():
         assert (model(x).logits - ours(x, x)[0]).abs().max().item() < 1e-5
-    again, tok_again = load_model(str(root / "bin_only"))
+    again, tok_again, _ = load_model(str(root / "bin_only"))
     assert tok_again.itos == tok.itos and (tok_again.doc_start, tok_again.doc_end) == (tok.doc_start, tok.doc_end)
 
 
+@pytest.mark.slow
 def test_export_replaces_only_an_exported_folder(fine_tuned, capsys):
     root, _ = fine_tuned
     target = root / "keep"

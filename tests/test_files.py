@@ -16,12 +16,6 @@ from files import FolderLock, atomic_torch_save, atomic_write_bytes, remove_stal
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def dead_pid() -> int:
-    child = subprocess.Popen(["true"])
-    child.wait()
-    return child.pid
-
-
 def test_one_writer_many_readers(tmp_path):
     folder = tmp_path / "run"
     with FolderLock(folder, "training", create=True):
@@ -47,6 +41,7 @@ time.sleep(60)
 """
 
 
+@pytest.mark.slow
 def test_the_lock_of_a_killed_process_is_taken_over(tmp_path):
     """A process, not this one, holds the lock and is killed -9: the kernel drops its flock."""
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True,
@@ -114,8 +109,8 @@ def test_disk_full_keeps_the_previous_file(tmp_path):
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
 
 
-def test_remove_stale_temps(tmp_path):
-    dead, alive = dead_pid(), os.getppid()
+def test_remove_stale_temps(tmp_path, dead_pid):
+    dead, alive = dead_pid, os.getppid()
     for name in (f".tmp-x-{dead}", f".old-y-{dead}", f".old-z-{dead}", f".tmp-w-{alive}", f".tmp-v-{dead}"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "train.bin").write_bytes(b"12")

@@ -17,14 +17,13 @@ import sample as sample_py
 import train as train_py
 from checkpoint import load_model
 from configurator import UserError, get_config
+from conftest import ENV, gpt2_chinese_folder
 from engine import Engine, SamplingSettings
-from hf import save_hf_gpt2
 from model import GPT, GPTConfig
 from runtime import pick_dtype
 from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8")
 NAMES = ["苏落", "南宫流云", "南宫夫人", "韩立"]
 VERBS = ["淡淡一笑", "冷哼一声", "妩媚一笑", "说道"]
 # the seeds' command, with --epochs 15 scaled down to 1 and our own options after theirs
@@ -38,12 +37,7 @@ HEADER = re.compile(r"^={40} SAMPLE (\d+) ={40}$", re.M)
 FIGURES = re.compile(r"^(\d+) tokens in [\d.]+ s, [\d.]+ tokens/s \((\d+) sample\(s\), seed (\d+)\)$", re.M)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def articles() -> list[str]:
@@ -86,6 +80,7 @@ def trained(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     return root, result
 
 
+@pytest.mark.slow
 def test_seeds_training_command_prepares_trains_and_exports_final_model(trained):
     root, result = trained
     assert result.returncode == 0, result.stderr
@@ -117,12 +112,13 @@ def test_seeds_training_command_prepares_trains_and_exports_final_model(trained)
     assert Tokenizer.from_vocab_file(final / "vocab.txt").itos == vocab.itos
     assert (config["bos_token_id"], config["eos_token_id"]) == (vocab.stoi["[MASK]"], vocab.stoi["[CLS]"])
     assert {"tokenizer_config.json", "generation_config.json"} <= set(os.listdir(final))
-    exported, _ = load_model(str(final))
-    best, _ = load_model(str(root / "model" / "ckpt.pt"))
+    exported, _, _ = load_model(str(final))
+    best, _, _ = load_model(str(root / "model" / "ckpt.pt"))
     ids = torch.tensor([vocab.encode("[MASK]苏落妩媚一笑").tolist()])
     assert torch.equal(exported(ids)[0], best(ids)[0])  # the best checkpoint, exactly
 
 
+@pytest.mark.slow
 def test_seeds_generate_command_verbatim(trained, capsys, monkeypatch):
     root, result = trained
     assert result.returncode == 0, result.stderr
@@ -143,7 +139,7 @@ def test_seeds_generate_command_verbatim(trained, capsys, monkeypatch):
         + "=" * 80 + "\n"
 
     # with the printed seed, the first sample is what this model and vocabulary give
-    model, tok = load_model("model/final_model", "cache/vocab_small.txt", dtype=pick_dtype("auto", "cpu"))
+    model, tok, _ = load_model("model/final_model", "cache/vocab_small.txt", dtype=pick_dtype("auto", "cpu"))
     settings = SamplingSettings(max_new_tokens=1000, top_k=8, num_samples=1, seed=int(figures.group(3)),
                                 ignore_eos=True)
     again, ids = gpt2chinese.generate_samples(Engine(model), tok, "[CLS]苏落妩媚一笑", settings, 1, lambda s: None)
@@ -161,7 +157,7 @@ def cls_heavy_folder(folder: Path, tok: Tokenizer) -> Path:
         model.transformer.ln_f.bias[0] = 1.0
         model.lm_head.weight[:, 0] = 0.0
         model.lm_head.weight[tok.cls_id, 0] = 3.0
-    save_hf_gpt2(model, str(folder))
+    gpt2_chinese_folder(model, folder)
     (folder / "vocab.txt").write_text(tok.vocab_file_text(), encoding="utf-8")
     return folder
 
@@ -173,7 +169,7 @@ def test_cls_is_a_paragraph_break_and_samples_come_in_batches(tmp_path, capsys, 
     stream = Engine.stream
 
     def recording(self, idx, *args, **kwargs):
-        batches.append(idx.size(0))
+        batches.append(idx.size(0) * kwargs.get("copies", 1))  # the rows generated together
         yield from stream(self, idx, *args, **kwargs)
 
     monkeypatch.setattr(Engine, "stream", recording)
@@ -247,6 +243,7 @@ def test_generate_flags_and_their_defaults():
     assert config["init_from"] == "m"
 
 
+@pytest.mark.slow
 def test_train_flags_become_our_settings(trained, monkeypatch):
     root, result = trained
     assert result.returncode == 0, result.stderr
@@ -308,6 +305,7 @@ def test_refused_flags_and_bad_values(tmp_path, capsys, monkeypatch, script, arg
     assert all(word in line for word in words), line
 
 
+@pytest.mark.slow
 def test_vocab_size_mismatch_and_an_existing_final_model_are_refused(trained, tmp_path, capsys, monkeypatch):
     root, _ = trained
     monkeypatch.chdir(root)
@@ -334,6 +332,7 @@ def test_help_lists_their_flags(capsys):
 
 # ------------------------------------------------------------------ fine-tuning keeps the configured dropout
 
+@pytest.mark.slow
 def test_fine_tuning_keeps_the_configured_dropout(trained, monkeypatch, tmp_path):
     root, _ = trained
     monkeypatch.chdir(root)

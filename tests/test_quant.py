@@ -16,7 +16,8 @@ import sample as sample_py
 import serve as serve_py
 from checkpoint import load_model
 from configurator import UserError
-from dataset import open_dataset, prepare
+from dataset import open_dataset
+from preparing import prepare
 from engine import Engine
 from mixture import whole_split_loss
 from model import GPT, GPTConfig
@@ -25,16 +26,11 @@ from quant import GEMM_ROWS, Int8Linear, apply_quantization, check_quantize_mode
 PHRASES = ["宝玉笑道：", "黛玉听了，", "“你这会子又来了。”", "袭人忙说道：", "凤姐儿", "老太太", "。\n", "湘云"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: a second thread only waits on a shared core
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, one_thread) -> tuple[Path, np.ndarray]:
+def trained(tmp_path_factory, one_thread_per_module) -> tuple[Path, np.ndarray]:
     """A run folder (ckpt.pt) of a small GPT trained for a few seconds on a prepared novel, and its val ids."""
     root = tmp_path_factory.mktemp("quant")
     rng = np.random.default_rng(0)
@@ -63,10 +59,11 @@ def trained(tmp_path_factory, one_thread) -> tuple[Path, np.ndarray]:
     return out, np.asarray(data.tokens("val"))
 
 
+@pytest.mark.slow
 def test_int8_val_loss_stays_within_a_hundredth_of_a_nat(trained):
     out, val_ids = trained
-    model, tok = load_model(str(out))
-    int8_model, _ = load_model(str(out), quantize="int8")
+    model, tok, _ = load_model(str(out))
+    int8_model = apply_quantization(load_model(str(out)).model, "int8")
     float_loss = whole_split_loss(model, val_ids, context=16)
     int8_loss = whole_split_loss(int8_model, val_ids, context=16)
     assert float_loss < 0.5 * math.log(tok.vocab_size)  # it did learn the phrases
@@ -82,9 +79,10 @@ def test_int8_val_loss_stays_within_a_hundredth_of_a_nat(trained):
     assert abs(torch.stack(step_losses).mean().item() - reference.item()) < 0.05
 
 
+@pytest.mark.slow
 def test_layers_are_int8_and_run_the_int8_kernel(trained):
     out, _ = trained
-    model, _ = load_model(str(out), quantize="int8")
+    model = apply_quantization(load_model(str(out)).model, "int8")
     int8_layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
     assert len(int8_layers) == 4 * model.config.n_layer + 1  # c_attn, c_proj, c_fc, c_proj per block, the head
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
@@ -122,6 +120,7 @@ def test_tied_embedding_keeps_its_float_weight():
     assert apply_quantization(model, "none") is model
 
 
+@pytest.mark.slow
 def test_sample_py_quantize_int8_writes_text(trained, capsys):
     out, _ = trained
     args = [f"--init_from={out}", "--start=宝玉", "--max_new_tokens=40", "--seed=7", "--top_k=1", "--device=cpu"]
@@ -138,6 +137,7 @@ def test_sample_py_quantize_int8_writes_text(trained, capsys):
         assert known >= 0.9 * (len(body) - 1), body
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", [sample_py, serve_py])
 def test_a_bad_quantize_value_is_a_one_line_error(trained, script):
     out, _ = trained
@@ -156,9 +156,10 @@ def test_quantize_checks_the_mode_and_the_device():
     with pytest.raises(UserError, match="got 'fp8'"):
         check_quantize_mode("fp8", "cpu")
     with pytest.raises(UserError, match="for decoding on a CPU"):
-        load_model("/nonexistent/ckpt.pt", device="mps", quantize="int8")  # before it looks for the file
+        check_quantize_mode("int8", "mps")
 
 
+@pytest.mark.slow
 def test_evaluate_py_scores_the_int8_model(trained, capsys):
     out, val_ids = trained
     config = dict(evaluate_py.DEFAULTS, out_dir=str(out), device="cpu", context=16)

@@ -4,11 +4,13 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from runtime import busy_cores, decode_threads
 
 
+@pytest.mark.slow
 def test_a_busy_process_takes_a_core_from_decoding():
     cores = len(os.sched_getaffinity(0))
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])

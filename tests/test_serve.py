@@ -3,7 +3,6 @@ thread), stop and disconnect, the queue, 422 answers, the host and origin checks
 request, and the command line with Ctrl-C (quiet mid-stream)."""
 
 import json
-import os
 import re
 import signal
 import socket
@@ -11,121 +10,19 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import httpx
-import numpy as np
 import pytest
-import torch
-import uvicorn
 from fastapi.testclient import TestClient
 
-from checkpoint import checkpoint_state, load_model
-from copycheck import load_copy_index
+from conftest import CYCLE, ENV, LOOPBACK, PROMPT, ROOT, TinyRun, make_app, running_server
 from engine import Engine, SamplingSettings
-from model import GPT, GPTConfig
-from dataset import prepare
 from serve import STOPPING, Limits, create_app, is_loopback
 from serve import main as serve_main
-from tokenizer import Tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
-# 56 different characters: in this text each one has a single successor, which a tiny model learns quickly
-CYCLE = "天地玄黄宇宙洪荒日月盈昃辰宿列张寒来暑往秋收冬藏闰余成岁律吕调阳云腾致雨露结为霜金生丽水玉出昆冈剑号巨阙珠称夜光"
-PROMPT = "天地玄黄"
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8")
-LOOPBACK = ["127.0.0.1", "localhost", "::1"]  # what serve.py allows as Host on a loopback address
 REFUSED = "requests from pages of other sites are refused; use this server's own page"
-
-
-@dataclass
-class TinyRun:
-    """A dataset prepared from CYCLE and a model trained on it, saved as train.py saves a run."""
-    data_dir: Path
-    out_dir: Path
-    model: GPT
-    tok: Tokenizer
-    final_loss: float
-
-
-_RUNS: dict[str, TinyRun] = {}
-
-
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
-    """Built once per test session (test_browser.py shares it): prepare, train ~150 steps, save ckpt.pt."""
-    if "run" in _RUNS:
-        return _RUNS["run"]
-    root = tmp_path_factory.mktemp("tiny-run")
-    source = root / "cycle.txt"
-    source.write_text((CYCLE + "\n") * 100, encoding="utf-8")
-    data_dir, out_dir = root / "data", root / "out"
-    prepare(str(source), name="cycle", vocab_size=100, block_size=32, data_dir=str(data_dir))
-    meta = json.loads((data_dir / "cycle" / "meta.json").read_text(encoding="utf-8"))
-    tok = Tokenizer.from_meta(meta)
-    train = torch.from_numpy(np.fromfile(data_dir / "cycle" / "train.bin", dtype=meta["dtype"]).astype(np.int64))
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=32, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for _ in range(150):
-            starts = torch.randint(len(train) - 33, (8,))
-            x = torch.stack([train[s:s + 32] for s in starts])  # (8, 32)
-            y = torch.stack([train[s + 1:s + 33] for s in starts])
-            _, loss = model(x, y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    finally:
-        torch.set_num_threads(threads)
-    out_dir.mkdir()
-    config = {"dataset": "cycle", "data_dir": str(data_dir), "block_size": 32}
-    torch.save(checkpoint_state(model, tok, config, 150, loss.item()), out_dir / "ckpt.pt")
-    model.eval()
-    _RUNS["run"] = TinyRun(data_dir, out_dir, model, tok, loss.item())
-    return _RUNS["run"]
-
-
-@pytest.fixture(scope="session")
-def run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
-    return tiny_run(tmp_path_factory)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: a second thread only waits on a busy core
-    yield
-    torch.set_num_threads(threads)
-
-
-def make_app(run: TinyRun, **kwargs):
-    """The app as serve.py builds it, with the copy check against the run's dataset."""
-    kwargs.setdefault("copy_index", load_copy_index(run.data_dir / "cycle"))
-    return create_app(run.model, run.tok, name="tiny", **kwargs)
-
-
-@contextmanager
-def running_server(app) -> Iterator[str]:
-    """Serve app with uvicorn on a free loopback port in a thread; yields the base URL."""
-    sock = socket.create_server(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def events(response: httpx.Response) -> Iterator[tuple[str, dict]]:
@@ -331,6 +228,7 @@ def test_only_loopback_host_names_are_served_on_loopback(run: TinyRun):
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
 
 
+@pytest.mark.slow
 def test_command_line_serves_then_stops_cleanly_on_ctrl_c(run: TinyRun):
     process = subprocess.Popen([sys.executable, "serve.py", "--out_dir", str(run.out_dir), "--port=0",
                                 "--host=0.0.0.0", "--device=cpu", "--max_new_tokens=20"],

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 import dataset
+import preparing
 import train
 from configurator import UserError, get_config
+from conftest import gpt2_chinese_folder
 from files import atomic_torch_save
-from hf import save_hf_gpt2
 from model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +38,7 @@ def corpus_text(n: int = 900) -> str:
 def data_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
     (root / "tiny.txt").write_text(corpus_text(), encoding="utf-8")
-    dataset.prepare(str(root / "tiny.txt"), "tiny", vocab_size=120, block_size=32, data_dir=str(root))
+    preparing.prepare(str(root / "tiny.txt"), "tiny", vocab_size=120, block_size=32, data_dir=str(root))
     return root
 
 
@@ -58,6 +59,7 @@ def train_losses(out_dir: Path) -> dict[int, float]:
     return {r["iter"]: r["loss"] for r in read_metrics(out_dir) if "loss" in r}
 
 
+@pytest.mark.slow
 def test_loss_goes_down_and_checkpoint_is_complete(data_dir, tmp_path):
     result = train.train(tiny_config(data_dir, tmp_path, max_iters=60, dropout=0.0))
     evals = [r for r in read_metrics(tmp_path) if "val_loss" in r]
@@ -79,6 +81,7 @@ def test_loss_goes_down_and_checkpoint_is_complete(data_dir, tmp_path):
     assert seconds == sorted(seconds) and seconds[-1] > 0  # wall time, for loss-against-time curves
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer,lr_schedule", [("muon", "wsd"), ("adamw", "cosine"), ("muon", "cosine")])
 def test_sigint_then_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path, monkeypatch, optimizer, lr_schedule):
     recipe = dict(optimizer=optimizer, lr_schedule=lr_schedule)
@@ -139,6 +142,7 @@ def test_time_budget_plans_a_length_that_fills_the_budget(monkeypatch):
     assert late.max_iters == late.iter_num == 11
 
 
+@pytest.mark.slow
 def test_time_budget_is_kept_by_resume(data_dir, tmp_path, monkeypatch):
     # a simulated clock: 0.125 s per training step (exact in binary), evaluations free, so the plan does not
     # depend on this machine
@@ -173,6 +177,7 @@ def test_time_budget_is_kept_by_resume(data_dir, tmp_path, monkeypatch):
     assert resumed["iter_num"] == resumed["max_iters"] == planned
 
 
+@pytest.mark.slow
 def test_sigint_from_outside_saves_and_exits_cleanly(data_dir, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "train.py"), "--dataset=tiny", f"--data_dir={data_dir}", f"--out_dir={out}",
@@ -185,7 +190,7 @@ def test_sigint_from_outside_saves_and_exits_cleanly(data_dir, tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, output
+    assert proc.returncode == 130, output  # a stopped run says so: 128 + SIGINT
     assert "--init_from=resume" in output and "Traceback" not in output
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert 3 <= ckpt["iter_num"] < 100000
@@ -208,6 +213,7 @@ def test_checkpoint_killed_mid_write_keeps_the_previous_one(tmp_path, monkeypatc
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
+@pytest.mark.slow
 def test_epochs_become_iterations(data_dir, tmp_path):
     meta = json.loads((data_dir / "tiny" / "meta.json").read_text(encoding="utf-8"))
     config = tiny_config(data_dir, tmp_path, max_iters=0, epochs=0.5, eval_interval=1000, log_interval=5)
@@ -219,18 +225,20 @@ def test_epochs_become_iterations(data_dir, tmp_path):
     assert 0.5 <= result["iter_num"] * tokens_per_iter / meta["train_tokens"] < 0.5 + tokens_per_iter / meta["train_tokens"]
 
 
+@pytest.mark.slow
 def test_fine_tune_from_a_gpt2_chinese_folder(data_dir, tmp_path):
     folder = tmp_path / "final_model"
-    save_hf_gpt2(GPT(GPTConfig(block_size=64, vocab_size=120, n_layer=1, n_head=2, n_embd=32)), str(folder))
+    gpt2_chinese_folder(GPT(GPTConfig(block_size=64, vocab_size=120, n_layer=1, n_head=2, n_embd=32)), folder)
     (folder / "vocab.txt").write_bytes((data_dir / "tiny" / "vocab.txt").read_bytes())  # the model's vocabulary
     result = train.train(tiny_config(data_dir, tmp_path / "out", init_from=str(folder), max_iters=4))
     assert result["iter_num"] == 4
     assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["model_args"]["block_size"] == 64
     with pytest.raises(UserError, match="--vocab"):
-        save_hf_gpt2(GPT(GPTConfig(block_size=64, vocab_size=99, n_layer=1, n_head=2, n_embd=32)), str(folder))
+        gpt2_chinese_folder(GPT(GPTConfig(block_size=64, vocab_size=99, n_layer=1, n_head=2, n_embd=32)), folder)
         train.train(tiny_config(data_dir, tmp_path / "out2", init_from=str(folder)))
 
 
+@pytest.mark.slow
 def test_from_scratch_the_head_trains_on_the_used_tokens_and_saves_a_plain_model(data_dir, tmp_path):
     used = dataset.open_dataset(str(data_dir), "tiny", 32).used_tokens().tolist()
     unused = [t for t in range(120) if t not in used]
@@ -241,12 +249,13 @@ def test_from_scratch_the_head_trains_on_the_used_tokens_and_saves_a_plain_model
         assert torch.equal(rows, rows[:1].expand_as(rows)) == on  # off: every unused row trained on its own
         assert torch.load(tmp_path / str(on) / "last.pt", weights_only=True)["used_vocab_head"] == on
     folder = tmp_path / "final_model"  # fine-tuning keeps the whole head: its unused rows hold what it learnt
-    save_hf_gpt2(GPT(GPTConfig(block_size=64, vocab_size=120, n_layer=1, n_head=2, n_embd=32)), str(folder))
+    gpt2_chinese_folder(GPT(GPTConfig(block_size=64, vocab_size=120, n_layer=1, n_head=2, n_embd=32)), folder)
     (folder / "vocab.txt").write_bytes((data_dir / "tiny" / "vocab.txt").read_bytes())
     train.train(tiny_config(data_dir, tmp_path / "tuned", init_from=str(folder), max_iters=2))
     assert torch.load(tmp_path / "tuned" / "last.pt", weights_only=True)["used_vocab_head"] is False
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_has_the_metrics(data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no login
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -261,6 +270,7 @@ def test_wandb_offline_run_has_the_metrics(data_dir, tmp_path, monkeypatch):
         assert key in logs
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes(data_dir, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -282,6 +292,7 @@ def test_torchrun_two_cpu_processes(data_dir, tmp_path):
     assert "512 tokens per iteration" in result.stdout
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
     real_step, steps = train.train_step, {"n": 0}
 
@@ -304,6 +315,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, m
     assert result.stderr.startswith("error: the training loss became nan") and result.stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_trained_out_dir_is_refused_and_the_model_kept(data_dir, tmp_path):
     train.train(tiny_config(data_dir, tmp_path, max_iters=4, eval_interval=2))
     before = {name: (tmp_path / name).read_bytes() for name in ("ckpt.pt", "last.pt")}
@@ -314,6 +326,7 @@ def test_a_second_run_into_a_trained_out_dir_is_refused_and_the_model_kept(data_
     assert result["iter_num"] == 2 and [r["iter"] for r in read_metrics(tmp_path) if "val_loss" in r] == [0, 2]
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_shape_and_changed_data(data_dir, tmp_path):
     train.train(tiny_config(data_dir, tmp_path, max_iters=2, eval_interval=2))
     with pytest.raises(UserError, match="--n_layer=3 .the model has 2."):
@@ -345,6 +358,7 @@ def test_bad_settings_are_one_line_errors_before_any_work(data_dir, tmp_path, ov
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_bad_out_dir_and_compile_words_from_the_command_line(data_dir, tmp_path):
     (tmp_path / "a_file").write_text("x")
     base = ["--dataset=tiny", f"--data_dir={data_dir}", "--device=cpu", "--max_iters=1"]
@@ -357,6 +371,7 @@ def test_bad_out_dir_and_compile_words_from_the_command_line(data_dir, tmp_path)
         assert result.stderr.startswith("error: ") and words in result.stderr
 
 
+@pytest.mark.slow
 def test_two_trainers_on_one_out_dir_the_second_is_refused(data_dir, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "train.py"), "--dataset=tiny", f"--data_dir={data_dir}", f"--out_dir={out}",
@@ -376,21 +391,24 @@ def test_two_trainers_on_one_out_dir_the_second_is_refused(data_dir, tmp_path):
         first.communicate(timeout=60)
 
 
+@pytest.mark.slow
 def test_adamw_stays_one_flag_and_muon_takes_the_block_matrices(data_dir, tmp_path):
     from optim import Muon, make_optimizers
+    from trainsettings import optimizer_settings
     model = GPT(GPTConfig(block_size=32, vocab_size=120, n_layer=2, n_head=2, n_embd=32))
-    muon, adamw = make_optimizers(model, tiny_config(data_dir, tmp_path), "cpu")
+    muon, adamw = make_optimizers(model, optimizer_settings(tiny_config(data_dir, tmp_path)), "cpu")
     assert isinstance(muon, Muon) and isinstance(adamw, torch.optim.AdamW)
     in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
     assert in_muon == {id(p) for p in model.transformer.h.parameters() if p.dim() == 2}
     assert id(model.transformer.wte.weight) not in in_muon
-    assert [type(o) for o in make_optimizers(model, tiny_config(data_dir, tmp_path, optimizer="adamw"), "cpu")] == [
-        torch.optim.AdamW]
+    adamw_only = optimizer_settings(tiny_config(data_dir, tmp_path, optimizer="adamw"))
+    assert [type(o) for o in make_optimizers(model, adamw_only, "cpu")] == [torch.optim.AdamW]
     result = train.train(tiny_config(data_dir, tmp_path / "a", optimizer="adamw", max_iters=20, dropout=0.0))
     evals = [r["val_loss"] for r in read_metrics(tmp_path / "a") if "val_loss" in r]
     assert evals[-1] < evals[0] - 0.5 and result["iter_num"] == 20
 
 
+@pytest.mark.slow
 def test_patience_says_the_model_memorises_and_early_stop_stops(data_dir, tmp_path, capsys):
     # a learning rate far too high for the tiny model: the val loss stops improving at once
     result = train.train(tiny_config(data_dir, tmp_path, max_iters=60, eval_interval=2, patience=2,
@@ -401,6 +419,7 @@ def test_patience_says_the_model_memorises_and_early_stop_stops(data_dir, tmp_pa
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter_num"] == result["best_iter"]
 
 
+@pytest.mark.slow
 def test_out_of_memory_halves_the_micro_batch_and_loses_no_step(data_dir, tmp_path, monkeypatch, capsys):
     plain = train.train(tiny_config(data_dir, tmp_path / "plain", max_iters=8, eval_interval=4, dropout=0.0))
     real_forward, calls = GPT.forward, {"n": 0}

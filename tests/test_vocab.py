@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-import dataset
+import preparing
 import train
 from checkpoint import load_model
 from configurator import UserError
+from conftest import gpt2_chinese_folder
 from engine import Engine, SamplingSettings
-from hf import save_hf_gpt2
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
@@ -91,7 +91,7 @@ def test_our_character_vocabulary_keeps_every_character():
 
 def test_fingerprint_is_in_meta_json_and_in_checkpoints(tmp_path):
     (tmp_path / "novel.txt").write_text(PARAGRAPH * 40, encoding="utf-8")
-    meta = dataset.prepare(str(tmp_path / "novel.txt"), "novel", vocab_size=300, block_size=16,
+    meta = preparing.prepare(str(tmp_path / "novel.txt"), "novel", vocab_size=300, block_size=16,
                            data_dir=str(tmp_path / "data"))
     on_disk = json.loads((tmp_path / "data" / "novel" / "meta.json").read_text(encoding="utf-8"))
     tok = Tokenizer.from_meta(on_disk)
@@ -117,7 +117,7 @@ def two_datasets(tmp_path_factory):
     (root / "a.txt").write_text(PARAGRAPH * 40, encoding="utf-8")
     (root / "b.txt").write_text(("黛玉叹道：“罢了。”\n" + PARAGRAPH) * 40, encoding="utf-8")
     for name in ("a", "b"):
-        dataset.prepare(str(root / f"{name}.txt"), name, block_size=16, data_dir=str(root / "data"))
+        preparing.prepare(str(root / f"{name}.txt"), name, block_size=16, data_dir=str(root / "data"))
     config = tiny_config(root, "a", root / "run")
     train.train(config)
     return root
@@ -131,13 +131,14 @@ def tiny_config(root: Path, name: str, out_dir: Path, **overrides) -> dict:
     return config
 
 
+@pytest.mark.slow
 def test_same_size_other_vocabulary_is_refused_on_fine_tune(two_datasets, tmp_path):
     root = two_datasets
     a = Tokenizer.from_vocab_file(root / "data" / "a" / "vocab.txt")
     b = Tokenizer.from_vocab_file(root / "data" / "b" / "vocab.txt")
     assert a.vocab_size == b.vocab_size == 13317 and a.itos != b.itos
     folder = tmp_path / "final_model"
-    save_hf_gpt2(GPT(GPTConfig(block_size=32, vocab_size=13317, n_layer=1, n_head=2, n_embd=16)), str(folder))
+    gpt2_chinese_folder(GPT(GPTConfig(block_size=32, vocab_size=13317, n_layer=1, n_head=2, n_embd=16)), folder)
     (folder / "vocab.txt").write_text(a.vocab_file_text(), encoding="utf-8")
     with pytest.raises(UserError, match=r"does not match .*python prepare\.py .*b\.txt --name b --vocab "
                                         rf"{folder}/vocab\.txt$"):
@@ -150,20 +151,22 @@ def test_same_size_other_vocabulary_is_refused_on_fine_tune(two_datasets, tmp_pa
         train.train(tiny_config(root, "a", tmp_path / "out_c", init_from=str(folder)))
 
 
+@pytest.mark.slow
 def test_resume_on_another_vocabulary_is_refused(two_datasets):
     root = two_datasets
     with pytest.raises(UserError, match=r"does not match .*--dataset=a\)$"):
         train.train(tiny_config(root, "b", root / "run", init_from="resume", max_iters=4))
 
 
+@pytest.mark.slow
 def test_sampling_with_another_vocab_file_is_refused(two_datasets, tmp_path):
     root = two_datasets
-    model, tok = load_model(str(root / "run"), vocab=str(root / "data" / "a" / "vocab.txt"))
+    model, tok, _ = load_model(str(root / "run"), vocab=str(root / "data" / "a" / "vocab.txt"))
     assert tok.itos == Tokenizer.from_vocab_file(root / "data" / "a" / "vocab.txt").itos
     with pytest.raises(UserError, match="first difference at id .*leave --vocab out"):
         load_model(str(root / "run"), vocab=str(root / "data" / "b" / "vocab.txt"))
     folder = tmp_path / "exported"
-    save_hf_gpt2(model, str(folder))
+    gpt2_chinese_folder(model, folder)
     (folder / "vocab.txt").write_text(tok.vocab_file_text(), encoding="utf-8")
     assert load_model(str(folder), vocab=str(root / "data" / "a" / "vocab.txt"))[1].itos == tok.itos
     with pytest.raises(UserError, match="the folder's vocab.txt is its vocabulary"):
@@ -177,12 +180,12 @@ def test_uer_folder_wraps_documents_in_cls_and_sep_and_ends_on_sep(tmp_path):
     lines = bert_vocab_lines(PARAGRAPH, size=400)
     folder = tmp_path / "uer"
     model = GPT(GPTConfig(block_size=32, vocab_size=400, n_layer=1, n_head=2, n_embd=16))
-    save_hf_gpt2(model, str(folder))
+    gpt2_chinese_folder(model, folder)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps(dict(config, tokenizer_class="BertTokenizer", eos_token_id=50256)))
     write_lines(folder / "vocab.txt", lines)
     (tmp_path / "n.txt").write_text(PARAGRAPH * 10, encoding="utf-8")
-    meta = dataset.prepare(str(tmp_path / "n.txt"), "n", vocab=str(folder / "vocab.txt"), block_size=16,
+    meta = preparing.prepare(str(tmp_path / "n.txt"), "n", vocab=str(folder / "vocab.txt"), block_size=16,
                            data_dir=str(tmp_path / "data"))
     assert (meta["doc_start"], meta["doc_end"]) == ("[CLS]", "[SEP]")
     assert meta["hf_metadata"] == {"tokenizer_class": "BertTokenizer"}
