@@ -16,7 +16,8 @@ DEFAULTS = Options(
     dataset=("hongloumeng", "folder under data_dir written by prepare.py"),
     data_dir=("data", "parent folder of the prepared datasets"),
     out_dir=("out", "where ckpt.pt, last.pt, metrics.jsonl and loss.png go"),
-    init_from=("scratch", "'scratch', 'resume' (out_dir/last.pt) or a GPT2-Chinese / HF GPT-2 model folder"),
+    init_from=("scratch", "'scratch', 'resume' (out_dir/last.pt), a GPT2-Chinese / HF GPT-2 model folder, or a .pt "
+                         "file or run folder whose weights a new run fine-tunes"),
     overwrite=(False, "True: a new run may replace the trained model already in out_dir"),
     # model (vocab_size comes from the dataset)
     n_layer=(10, "transformer blocks"),
