@@ -262,13 +262,13 @@ def main(argv: list[str] | None = None) -> None:
         default_out = not config["init_from"] and config["out_dir"] == DEFAULTS["out_dir"]
         gen = load_generator(config["init_from"] or config["out_dir"], vocab=config["vocab"], device=config["device"],
                              dtype=config["dtype"], compile=config["compile"], quantize=config["quantize"],
-                             newest_fallback=default_out, compile_note="the first tokens wait for it",
-                             ngram=config["ngram"], dataset=config["dataset"], data_dir=config["data_dir"])
+                             newest_fallback=default_out, compile_note="the first tokens wait for it")
         engine, tok = gen.engine, gen.tok
         if chinese and chinese.length_from_model:
             config["max_new_tokens"] = engine.model.config.block_size  # --length -1: the model's n_ctx
         if not config["interactive"] and len(tok.encode(prompt)) == 0:
             raise UserError('empty prompt; give some text with --start, or --start "[CLS]" to begin a new text')
+        gen.mix_memory(config["ngram"], config["dataset"], config["data_dir"])
         index = gen.copy_index() if config["min_copy"] > 0 else None
         seed = config["seed"] if config["seed"] >= 0 else random.SystemRandom().randrange(2**31)
         if config["interactive"]:

@@ -506,13 +506,13 @@ def main(argv: list[str] | None = None) -> None:
         default_out = not config["init_from"] and config["out_dir"] == DEFAULTS["out_dir"]
         gen = load_generator(config["init_from"] or config["out_dir"], vocab=config["vocab"], device=config["device"],
                              dtype=config["dtype"], compile=config["compile"], quantize=config["quantize"],
-                             newest_fallback=default_out, compile_note="the first request waits for it",
-                             ngram=config["ngram"], dataset=config["dataset"], data_dir=config["data_dir"])
+                             newest_fallback=default_out, compile_note="the first request waits for it")
         engine, tok, path = gen.engine, gen.tok, gen.path
         copy_index = gen.copy_index() if config["copy_check"] else None
         if defaults.top_k > tok.vocab_size:  # every request from the page, which starts with it, would get 422
             raise UserError(f"--top_k must be at most {tok.vocab_size} (the vocabulary size; 0 = off), "
                             f"got {defaults.top_k}")
+        gen.mix_memory(config["ngram"], config["dataset"], config["data_dir"])
         loopback = is_loopback(config["host"])
         allowed = ["127.0.0.1", "localhost", "::1"] if loopback else None
         app = create_app(engine, tok, name=str(path), defaults=defaults, copy_index=copy_index,

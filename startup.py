@@ -33,6 +33,15 @@ class Generator:
     metadata: dict  # checkpoint.load_model's: what the checkpoint says beside the weights
     runtime: Runtime
 
+    def mix_memory(self, ngram: str = "on", dataset: str = "", data_dir: str = "") -> None:
+        """Mix the novel's memory into the engine's every step unless ngram is "off"; one line on stderr says
+        which. Called after the scripts' own checks: fitting a model folder's weights takes seconds."""
+        if ngram not in ("on", "off"):
+            raise UserError(f"--ngram must be on or off, got {ngram!r}")
+        memory, note = load_memory(self.path, self.metadata, self.tok, self.engine.model, ngram, dataset, data_dir)
+        print(f"note: {note}", file=sys.stderr)
+        self.engine.memory = memory
+
     def copy_index(self) -> CopyIndex | None:
         """The copy index of the model's training text, built and cached on first use; one line on stderr says
         what is checked, or why nothing is."""
@@ -43,21 +52,16 @@ class Generator:
 
 def load_generator(source: str, *, vocab: str = "", device: str = "auto", dtype: str = "auto",
                    compile: bool | None = None, quantize: str = "none", newest_fallback: bool = False,
-                   compile_note: str = "the first tokens wait for it", ngram: str = "on", dataset: str = "",
-                   data_dir: str = "") -> Generator:
+                   compile_note: str = "the first tokens wait for it") -> Generator:
     """The model of source (a run folder, a .pt file or a model folder; vocab for a folder without one) on
-    device, quantised as asked, and its Engine, compiled when compile says so (compile_note tells for what),
-    with the memory mixed in unless ngram is "off" (one line on stderr says which)."""
-    if ngram not in ("on", "off"):
-        raise UserError(f"--ngram must be on or off, got {ngram!r}")
+    device, quantised as asked, and its Engine, compiled when compile says so (compile_note tells for what);
+    Generator.mix_memory adds the memory."""
     rt = init_runtime(device, dtype, compile)
     use_decode_threads(rt.device_type)  # fewer threads beside busy processes
     check_quantize_mode(quantize, str(rt.device))  # before the slow part
     path = resolve_source(source, newest_fallback=newest_fallback)
     model, tok, metadata = load_model(path, vocab, rt.device, rt.dtype)
-    memory, note = load_memory(path, metadata, tok, model, ngram, dataset, data_dir)  # fitted on the float model
-    print(f"note: {note}", file=sys.stderr)
-    engine = Engine(apply_quantization(model, quantize), memory)
+    engine = Engine(apply_quantization(model, quantize))
     if rt.compile:
         print(f"note: compiling the decode step; {compile_note}", file=sys.stderr)
         engine.compile()
