@@ -203,7 +203,7 @@ def load_memory(path: str, metadata: dict, tok: Tokenizer, model: GPT, mode: str
     carries its weights (fitted by train.py or evaluate.py); a model folder gets weights fitted on the start of
     the named dataset's val split; without a dataset the GPT runs alone. metadata: load_model's."""
     from dataset import open_dataset  # here: the dataset module is only needed when a memory is asked for
-    from mixture import DEFAULT_CACHE_SIZE, PARTS, Memory, fit_mixture
+    from mixture import DEFAULT_CACHE_SIZE, DEFAULT_PAIR_CACHE_SIZE, PARTS, Memory, fit_mixture
     from ngram import DEFAULT_ORDER, load_ngram
 
     if mode == "off":
@@ -224,7 +224,7 @@ def load_memory(path: str, metadata: dict, tok: Tokenizer, model: GPT, mode: str
     order = stored["order"] if stored else DEFAULT_ORDER
     counts = load_ngram(data.folder, data.tokens("train"), tok.vocab_size, data.fingerprint(), order)
     if stored:
-        weights = [stored["weights"][part] for part in PARTS]
+        weights = [stored["weights"].get(part, 0.0) for part in PARTS]
         how = "its stored weights"
     else:
         val = data.tokens("val")[:FOLDER_FIT_TOKENS]
@@ -232,6 +232,7 @@ def load_memory(path: str, metadata: dict, tok: Tokenizer, model: GPT, mode: str
                              context=min(64, model.config.block_size // 2))
         weights = [record["weights"][part] for part in PARTS]
         how = f"weights fitted on {len(val):,} val characters"
-    memory = Memory(counts, weights, stored["cache_size"] if stored else DEFAULT_CACHE_SIZE)
+    memory = Memory(counts, weights, stored["cache_size"] if stored else DEFAULT_CACHE_SIZE,
+                    stored.get("pair_cache_size", DEFAULT_PAIR_CACHE_SIZE) if stored else DEFAULT_PAIR_CACHE_SIZE)
     return memory, (f"the memory of {data.folder} mixed in ({how}: GPT {weights[0]:.2f}, {order}-gram "
-                    f"{weights[1]:.2f}, cache {weights[2]:.2f}); --ngram=off for the GPT alone")
+                    f"{weights[1]:.2f}, caches {weights[2]:.2f} + {weights[3]:.2f}); --ngram=off for the GPT alone")

@@ -70,6 +70,9 @@ def mixture_weights(checkpoint: dict, path: str, data, counts, model, config: di
         if stored["dataset_fingerprint"] != data.fingerprint():
             raise UserError(f"{data.folder} was prepared again after {path}'s mixture was fitted; fit it again: "
                             f"{refit_command(path)}")
+        if "pair_cache" not in stored["weights"]:
+            raise UserError(f"{path}'s mixture was fitted by an earlier version, without the pair cache; fit it "
+                            f"again: {refit_command(path)}")
         return np.array([stored["weights"][part] for part in PARTS])
     record = fit_mixture(model, counts, np.asarray(data.tokens("val")), data.fingerprint(),
                          context=context, autocast=rt.dtype)
@@ -139,7 +142,8 @@ def evaluate(config: dict) -> dict[str, float]:
         results["mixture"] = mixture_loss(parts, weights)
         results["two_fold"] = two_fold_loss(parts)
         say(f"  the memory alone ({order}-gram of {data.folder} train): {loss_report(results['ngram'])}")
-        say(f"  mixture (GPT {weights[0]:.2f}, {order}-gram {weights[1]:.2f}, cache {weights[2]:.2f}): "
+        say(f"  mixture (GPT {weights[0]:.2f}, {order}-gram {weights[1]:.2f}, cache {weights[2]:.2f}, pair cache "
+            f"{weights[3]:.2f}): "
             f"{loss_report(results['mixture'])}")
         say(f"  mixture, weights fitted on one half and scored on the other (two-fold): "
             f"{loss_report(results['two_fold'])}")

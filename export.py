@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> None:
         print("\ninterrupted; the target folder is as it was", file=sys.stderr)
         raise SystemExit(130)
     print(f"wrote {target}: {', '.join(names)}")
+    print("note: the export is the GPT-2 alone; transformers has no place for the novel's memory (sample.py "
+          f"--init_from={target} --dataset=<its dataset> mixes it back in)")
     print(f"load it with transformers: GPT2LMHeadModel.from_pretrained({target!r}), "
           f"AutoTokenizer.from_pretrained({target!r})")
 

@@ -142,7 +142,7 @@ def estimate_loss(model: GPT, dataset: Dataset, config: dict, rt: Runtime,
                   val_memory: np.ndarray | None = None, stopping: Callable[[], bool] = lambda: False
                   ) -> dict[str, float] | None:
     """Mean loss over eval_iters batches per split; the same batches every time, so evals compare.
-    val_memory (2, N_val): the memory's parts on val; then also the mixture's val loss on the same batches.
+    val_memory (3, N_val): the memory's parts on val; then also the mixture's val loss on the same batches.
     None when `stopping` says so before a batch (Ctrl-C or SIGTERM): a long evaluation stops within one batch."""
     model.tie_unused_rows()  # evaluation runs the whole head
     model.eval()
@@ -156,11 +156,11 @@ def estimate_loss(model: GPT, dataset: Dataset, config: dict, rt: Runtime,
                 return None
             if split == "val" and val_memory is not None:
                 x, y, memory = dataset.get_batch(split, config["batch_size"], config["block_size"], generator,
-                                                 rt.device, aligned=val_memory)  # memory (B, 2, T)
+                                                 rt.device, aligned=val_memory)  # memory (B, 3, T)
                 with rt.autocast():
                     logits, loss = model(x, y)
                 p_gpt = torch.softmax(logits.float(), dim=-1).gather(-1, y[..., None])[..., 0]  # (B, T)
-                parts.append(torch.cat([p_gpt[:, None], memory], dim=1).transpose(0, 1).reshape(3, -1).cpu())
+                parts.append(torch.cat([p_gpt[:, None], memory], dim=1).transpose(0, 1).reshape(memory.size(1) + 1, -1).cpu())
             else:
                 x, y = dataset.get_batch(split, config["batch_size"], config["block_size"], generator, rt.device)
                 with rt.autocast():
@@ -347,7 +347,7 @@ class Run:
     fingerprint: str  # the dataset as it was when the run began
     counts: InterpolatedKneserNey | None = None  # the memory (ngram_order > 0)
     train_memory: np.ndarray | None = None  # (N_train,) leave-one-out p_ngram of each training token (ngram_train)
-    val_memory: np.ndarray | None = None  # (2, N_val) p_ngram and p_cache of each val token
+    val_memory: np.ndarray | None = None  # (3, N_val) the memory's parts (mixture.aligned_parts) on each val token
     iter_num: int = 0
     best_val_loss: float = math.inf
     best_iter: int = 0
@@ -725,8 +725,8 @@ def attach_mixture(run: Run) -> None:
     atomic_torch_save(checkpoint, path)
     val, w = record["val"], record["weights"]
     print(f"the memory: whole val split {val['model']:.4f} (GPT), {val['ngram']:.4f} ({record['order']}-gram), "
-          f"{val['mixture']:.4f} mixed (weights GPT {w['gpt']:.2f}, n-gram {w['ngram']:.2f}, cache "
-          f"{w['cache']:.2f}); stored in {path}")
+          f"{val['mixture']:.4f} mixed (weights GPT {w['gpt']:.2f}, n-gram {w['ngram']:.2f}, caches "
+          f"{w['cache']:.2f} + {w['pair_cache']:.2f}); stored in {path}")
 
 
 def stop_and_save(run: Run, stop: StopRequest) -> signal.Signals:
