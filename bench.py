@@ -483,7 +483,7 @@ def bench_memory(argv: list[str]) -> None:
     from ngram import modified_kneser_ney
     from preparing import prepare_default_corpus
     print(f"memory: {cpu_flags()}, {torch.get_num_threads()} threads")
-    prepare_default_corpus("data")
+    prepare_default_corpus("data", "hongloumeng")
     for tokens in (7_650_000, 100_000_000) if "--big" in argv else (7_650_000,):
         seconds, peak = ngram_build_in_child(tokens)
         print(f"  5-gram of {tokens:,} tokens (the 红楼梦 train split repeated): built in {seconds:.1f} s, "
