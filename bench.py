@@ -14,24 +14,27 @@ Timings on a shared machine are noisy: run it on an idle one for figures to quot
 import gc
 import math
 import os
+import re
 import subprocess
 import sys
 import time
 from contextlib import nullcontext
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
+from checkpoint import checkpoint_state
 from engine import Engine
 from mixture import Memory
 from configurator import UserError
 from dataset import load_meta, vocab_size_of
 from model import GPT, GPTConfig
 from quant import quantize_int8
-from runtime import Runtime, cpu_has_bf16, init_runtime, peak_flops_for
-from tokenizer import DEFAULT_VOCAB_SIZE
+from runtime import Runtime, auto_dtype_note, cpu_has_bf16, init_runtime, peak_flops_for
+from tokenizer import DEFAULT_VOCAB_SIZE, Tokenizer
 from optim import make_optimizers, train_step
 from trainsettings import DEFAULTS, TYPES, check_config, gpt_config, optimizer_settings, training_shape
 
@@ -39,6 +42,7 @@ from trainsettings import DEFAULTS, TYPES, check_config, gpt_config, optimizer_s
 USERS_MODEL = GPTConfig(block_size=512, vocab_size=DEFAULT_VOCAB_SIZE, n_layer=10, n_head=12, n_embd=768)
 SMALL_MODEL = GPTConfig(block_size=256, vocab_size=DEFAULT_VOCAB_SIZE, n_layer=4, n_head=4, n_embd=256)
 CHARS_PER_TOKEN = 1.0  # GPT2-Chinese's vocabulary is one token per Chinese character
+PROMPT = "宝玉笑道"  # the decode figures' prompt, as in the README's commands
 
 
 def hf_gpt2(config: GPTConfig) -> torch.nn.Module:
@@ -76,10 +80,11 @@ def train_step_fn(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: t
 
 
 def bench_train_step(argv: list[str]) -> None:
-    """Tokens/s of a full training step (forward, backward, AdamW) on the CPU, ours vs transformers fp32."""
-    bf16 = cpu_has_bf16()
-    print(f"train_step: CPU ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads), "
-          f"ours {'bf16 autocast' if bf16 else 'fp32'} + torch.compile + fused AdamW, reference fp32 eager")
+    """Tokens/s of a full training step (forward, backward, AdamW) on the CPU: transformers fp32 eager, ours
+    eager and compiled in fp32 and (where the CPU has native bf16) under bf16 autocast, which dtype="auto" follows."""
+    precisions = (False, True) if cpu_has_bf16() else (False,)
+    print(f"train_step: {cpu_flags()}, {torch.get_num_threads()} threads; ours + fused AdamW, reference fp32 eager; "
+          f"{auto_dtype_note('cpu', 'train')}")
     for name, config, batch_size, target in (("users' model", USERS_MODEL, 2, 1.7), ("small", SMALL_MODEL, 8, 1.5)):
         torch.manual_seed(0)
         tokens_per_step = batch_size * config.block_size
@@ -91,33 +96,22 @@ def bench_train_step(argv: list[str]) -> None:
         # transformers shifts the labels itself, so it gets x as labels and predicts the same targets as ours
         ref_s = seconds_per_call(train_step_fn(reference, ref_optimizer, x, y, bf16=False, hf=True), 1, 3)
         del reference, ref_optimizer
-
-        ours = GPT(config).train()
-        optimizer = make_optimizers(ours, optimizer_settings(dict(DEFAULTS, optimizer="adamw", learning_rate=6e-4)),
-                                    "cpu")[0]
-        eager_s = seconds_per_call(train_step_fn(ours, optimizer, x, y, bf16, hf=False), 1, 3)
-        compiled_s = seconds_per_call(train_step_fn(torch.compile(ours), optimizer, x, y, bf16, hf=False), 2, 3)
-
-        print(f"  {name} (batch {batch_size} x {config.block_size}): "
-              f"transformers {tokens_per_step / ref_s:6.0f} tok/s, ours eager {tokens_per_step / eager_s:6.0f} tok/s, "
-              f"ours compiled {tokens_per_step / compiled_s:6.0f} tok/s -> {ref_s / compiled_s:.2f}x "
-              f"(target >= {target}x)")
+        print(f"  {name} (batch {batch_size} x {config.block_size}): transformers fp32 {tokens_per_step / ref_s:6.0f} "
+              "tok/s", flush=True)
+        for bf16 in precisions:
+            ours = GPT(config).train()
+            optimizer = make_optimizers(ours, optimizer_settings(dict(DEFAULTS, optimizer="adamw", learning_rate=6e-4)),
+                                        "cpu")[0]
+            eager_s = seconds_per_call(train_step_fn(ours, optimizer, x, y, bf16, hf=False), 1, 3)
+            compiled_s = seconds_per_call(train_step_fn(torch.compile(ours), optimizer, x, y, bf16, hf=False), 2, 3)
+            print(f"    ours {'bf16 autocast' if bf16 else 'fp32':13s}: eager {tokens_per_step / eager_s:6.0f} tok/s, "
+                  f"compiled {tokens_per_step / compiled_s:6.0f} tok/s -> {ref_s / compiled_s:.2f}x transformers "
+                  f"(target >= {target}x)", flush=True)
+            del ours, optimizer
+            torch._dynamo.reset()
 
 
 # ------------------------------------------------------------------ decoding
-
-def read_bandwidth() -> float:
-    """Bytes/s of summing a 512 MB fp32 tensor: reads only, as a decode step reads its weights."""
-    data = torch.ones(512 * 2**20 // 4)
-    return data.numel() * data.element_size() / seconds_per_call(data.sum, 2, 5)
-
-
-def bytes_per_step(model: torch.nn.Module) -> int:
-    """Weight bytes one decode step reads: every block and the head, not the embeddings' one looked-up row."""
-    tied = model.lm_head.weight is model.transformer.wte.weight
-    return sum(p.numel() * p.element_size() for name, p in model.named_parameters()  # a tied weight once
-               if name != "transformer.wpe.weight" and (tied or name != "transformer.wte.weight"))
-
 
 def decode_ms_per_step(generate_fn: Callable[[int], object], new_tokens: int) -> float:
     """ms per step of generate_fn(new_tokens), with the prompt's cost measured apart and taken off."""
@@ -157,51 +151,79 @@ def decode_models(config: GPTConfig, device: str) -> dict[str, Callable[[], torc
 def time_decode(model: torch.nn.Module, batch_size: int, prompt_len: int, new_tokens: int,
                 memory: Memory | None = None) -> float:
     """ms per decode step (one new token in every row) of ours through Engine, or of transformers' generate
-    with its KV cache; sampling top_k 40."""
+    with its KV cache; sampling top_k 8 (the default of sample.py and of GPT2-Chinese)."""
     device = next(model.parameters()).device
     prompt = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), device=device)
     if isinstance(model, GPT):
         engine = Engine(model, memory)
 
         def generate(n: int) -> None:
-            for _ in engine.stream(prompt, n, temperature=1.0, top_k=40):
+            for _ in engine.stream(prompt, n, temperature=1.0, top_k=8):
                 pass
     else:
         def generate(n: int) -> None:
             model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=True,
-                           top_k=40, pad_token_id=0)
+                           top_k=8, pad_token_id=0)
     return decode_ms_per_step(generate, new_tokens)
 
 
+def users_checkpoint(folder: str) -> str:
+    """Our users' model shape with random weights (seed 0) as a train.py checkpoint in folder; its path."""
+    torch.manual_seed(0)
+    model = GPT(USERS_MODEL)
+    tok = Tokenizer.build(Counter(PROMPT), USERS_MODEL.vocab_size)
+    path = os.path.join(folder, "ckpt.pt")
+    torch.save(checkpoint_state(model, tok, {}, 0, float("nan")), path)
+    return path
+
+
+def sample_py_rate(checkpoint: str, flags: list[str], new_tokens: int) -> tuple[float, list[str]]:
+    """ms per token as sample.py prints it ("N tokens in S s") for `python sample.py --init_from=checkpoint
+    --start=宝玉笑道 --max_new_tokens=N --ignore_eos --seed=1 <flags>`, and the notes it wrote on stderr."""
+    command = [sys.executable, "sample.py", f"--init_from={checkpoint}", f"--start={PROMPT}",
+               f"--max_new_tokens={new_tokens}", "--ignore_eos", "--seed=1", *flags]
+    result = subprocess.run(command, cwd=Path(__file__).resolve().parent, capture_output=True, text=True)
+    rate = re.search(r"^(\d+) tokens in ([\d.]+) s", result.stderr, re.MULTILINE)
+    if result.returncode != 0 or rate is None:
+        raise RuntimeError(f"{' '.join(command)} failed: {result.stderr.strip()[-500:]}")
+    notes = [line.removeprefix("note: ") for line in result.stderr.splitlines() if line.startswith("note: ")]
+    return float(rate.group(2)) / int(rate.group(1)) * 1e3, notes
+
+
 def bench_decode(argv: list[str]) -> None:
-    """Our users' model at batch 1 and 8: ms per step and per token, the ratio to the bandwidth floor and the
-    seconds per 1,000 characters, ours in fp32, bf16 and int8 beside transformers' GPT-2 in fp32.
-    --tokens=N: new tokens timed per row (default 200); --busy: also batch 1 next to a busy process."""
+    """Our users' model as sample.py runs it (a fresh process, its own "N tokens in S s" line) at batch 1 and 8,
+    for each dtype and --quantize, beside transformers' GPT-2 fp32 generate with the same sampling (top_k 8).
+    --tokens=N: new tokens per sample (default 300); --busy: also batch 1 next to a busy process."""
+    import tempfile
     options = dict(arg.removeprefix("--").split("=", 1) if "=" in arg else (arg.removeprefix("--"), "1")
                    for arg in argv)
-    config, prompt_len = USERS_MODEL, 32
-    new_tokens = min(int(options.get("tokens", 200)), config.block_size - prompt_len)  # transformers' limit
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    bandwidth = read_bandwidth() if device == "cpu" else float("nan")
-    print(f"decode: {device} ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}), {config.n_layer} layers x "
-          f"{config.n_embd}, vocabulary {config.vocab_size}; {new_tokens} new tokens after a {prompt_len}-token "
-          f"prompt, top_k 40; floor = weight bytes per step / {bandwidth / 1e9:.1f} GB/s (sum of a 512 MB tensor)")
-    print(f"  {'':20s} {'batch':>5s} {'ms/step':>8s} {'ms/token':>8s} {'floor ms':>8s} {'x floor':>7s} "
-          f"{'s/1k chars':>10s}")
-    for name, build in decode_models(config, device).items():
-        model = build()
-        floor_ms = bytes_per_step(model) / bandwidth * 1e3  # transformers: the same layout and names
-        for batch_size in (1, 8):
-            ms = time_decode(model, batch_size, prompt_len, new_tokens)
-            per_token = ms / batch_size
-            print(f"  {name:20s} {batch_size:5d} {ms:8.1f} {per_token:8.2f} {floor_ms:8.1f} {ms / floor_ms:7.2f} "
-                  f"{per_token / CHARS_PER_TOKEN:10.1f}", flush=True)
-        del model
-    if device == "cpu":
-        print("  targets (CPU, batch 1): int8 <= 8 ms/token, bf16 <= 11 ms/token; batch 8 >= 5x the tokens/s")
+    config = USERS_MODEL
+    new_tokens = min(int(options.get("tokens", 300)), config.block_size - len(PROMPT))
+    print(f"decode: {cpu_flags()}; {torch.get_num_threads()} threads; users' model {config.n_layer} layers x "
+          f"{config.n_embd}, vocabulary {config.vocab_size}; `python sample.py --start={PROMPT} "
+          f"--max_new_tokens={new_tokens} --ignore_eos --seed=1` (default sampling: top_k 8), ms per token as it prints")
+    print(f"  {'':34s} {'batch':>5s} {'ms/token':>8s} {'tokens/s':>8s} {'x transformers':>14s}")
+    reference = {}
+    hf = hf_gpt2(config).eval()
+    for batch_size in (1, 8):
+        reference[batch_size] = time_decode(hf, batch_size, len(PROMPT), new_tokens) / batch_size
+        print(f"  {'transformers fp32 generate':34s} {batch_size:5d} {reference[batch_size]:8.2f} "
+              f"{1e3 / reference[batch_size]:8.1f} {1:14.2f}", flush=True)
+    del hf
+    variants = {"sample.py (no dtype flag)": [], "sample.py --dtype=float32": ["--dtype=float32"],
+                "sample.py --dtype=bfloat16": ["--dtype=bfloat16"], "sample.py --quantize=int8": ["--quantize=int8"]}
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = users_checkpoint(folder)
+        for name, flags in variants.items():
+            for batch_size in (1, 8):
+                ms, notes = sample_py_rate(checkpoint, flags + [f"--num_samples={batch_size}"], new_tokens)
+                print(f"  {name:34s} {batch_size:5d} {ms:8.2f} {1e3 / ms:8.1f} {reference[batch_size] / ms:14.2f}",
+                      flush=True)
+                if batch_size == 1:
+                    print("".join(f"      {note}\n" for note in notes if "dtype" in note or "int8" in note), end="")
+    print("  targets (CPU, batch 1, best variant): <= 9 ms/token; batch 8 >= 5x the tokens/s of batch 1")
     if "busy" in options:
-        bench_decode_busy(prompt_len, new_tokens)
+        bench_decode_busy(32, new_tokens)
 
 
 def decode_in_child(variant: str, threads: int, wait_policy: str | None, prompt_len: int, new_tokens: int

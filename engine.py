@@ -91,17 +91,24 @@ def sample_next(logits: torch.Tensor, seen: torch.Tensor, temperature: float, to
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
-    if top_k is not None:
-        kth_best = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_k is not None and top_k < logits.size(-1):
+        # the k best first, then everything on (B, k): sampling then never touches the whole vocabulary
+        best, ids = torch.topk(logits, top_k)  # (B, k), sorted best first
+        return ids.gather(1, sample_sorted(best, top_p, generator)).squeeze(1)
+    if top_p is not None:
+        best, ids = torch.sort(logits, descending=True)
+        return ids.gather(1, sample_sorted(best, top_p, generator)).squeeze(1)
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator).squeeze(1)
+
+
+def sample_sorted(best: torch.Tensor, top_p: float | None, generator: torch.Generator | None) -> torch.Tensor:
+    """A column index (B, 1) drawn from logits `best` (B, n) sorted best first, nucleus-cut at top_p when set."""
     if top_p is not None:
         # keep the smallest set of best tokens whose probability reaches top_p (always at least one)
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = F.softmax(sorted_logits, dim=-1)
+        probs = F.softmax(best, dim=-1)
         drop = probs.cumsum(dim=-1) - probs >= top_p  # never the best token, as top_p > 0
-        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+        best = best.masked_fill(drop, float("-inf"))
+    return torch.multinomial(F.softmax(best, dim=-1), num_samples=1, generator=generator)
 
 
 class Engine:

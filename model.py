@@ -85,10 +85,12 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         else:
             keys, values = cache.update(layer, pos, k, v)  # (B, nh, S, hs)
-            visible = cache.slots[None, :keys.size(2)] <= pos[:, None]  # (T, S)
             # Written out: for a single bf16 query the fused CPU kernel is several times slower than this.
             att = (q @ keys.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, T, S)
-            att = att.masked_fill(~visible, float("-inf")).float().softmax(dim=-1)
+            if T > 1 or cache.limit is None:  # one query over the filled slots (an eager step) sees them all
+                visible = cache.slots[None, :keys.size(2)] <= pos[:, None]  # (T, S)
+                att = att.masked_fill(~visible, float("-inf"))
+            att = att.float().softmax(dim=-1)
             y = att.to(q.dtype) @ values  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))

@@ -13,7 +13,7 @@ from copycheck import CopyIndex, copy_index_for
 from configurator import UserError
 from engine import Engine
 from quant import apply_quantization, check_quantize_mode
-from runtime import Runtime, init_runtime, use_decode_threads
+from runtime import Runtime, auto_dtype_note, init_runtime, use_decode_threads
 from tokenizer import Tokenizer
 
 # the memory's start-up options, the same in sample.py and serve.py
@@ -32,13 +32,16 @@ class Generator:
     path: str  # the checkpoint file or model folder
     metadata: dict  # checkpoint.load_model's: what the checkpoint says beside the weights
     runtime: Runtime
+    dtype_note: str | None = None  # what dtype="auto" chose and why, said with the memory's note
 
     def mix_memory(self, ngram: str = "on", dataset: str = "", data_dir: str = "") -> None:
         """Mix the novel's memory into the engine's every step unless ngram is "off"; one line on stderr says
-        which. Called after the scripts' own checks: fitting a model folder's weights takes seconds."""
+        which (after the dtype note). Called after the scripts' own checks: fitting a model folder's weights takes seconds."""
         if ngram not in ("on", "off"):
             raise UserError(f"--ngram must be on or off, got {ngram!r}")
         memory, note = load_memory(self.path, self.metadata, self.tok, self.engine.model, ngram, dataset, data_dir)
+        if self.dtype_note:
+            print(f"note: {self.dtype_note}", file=sys.stderr)
         print(f"note: {note}", file=sys.stderr)
         self.engine.memory = memory
 
@@ -56,7 +59,7 @@ def load_generator(source: str, *, vocab: str = "", device: str = "auto", dtype:
     """The model of source (a run folder, a .pt file or a model folder; vocab for a folder without one) on
     device, quantised as asked, and its Engine, compiled when compile says so (compile_note tells for what);
     Generator.mix_memory adds the memory."""
-    rt = init_runtime(device, dtype, compile)
+    rt = init_runtime(device, dtype, compile, job="decode")
     use_decode_threads(rt.device_type)  # fewer threads beside busy processes
     check_quantize_mode(quantize, str(rt.device))  # before the slow part
     path = resolve_source(source, newest_fallback=newest_fallback)
@@ -65,4 +68,5 @@ def load_generator(source: str, *, vocab: str = "", device: str = "auto", dtype:
     if rt.compile:
         print(f"note: compiling the decode step; {compile_note}", file=sys.stderr)
         engine.compile()
-    return Generator(engine, tok, path, metadata, rt)
+    dtype_note = auto_dtype_note(rt.device_type, "decode") if dtype == "auto" else None
+    return Generator(engine, tok, path, metadata, rt, dtype_note)

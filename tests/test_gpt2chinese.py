@@ -139,7 +139,7 @@ def test_seeds_generate_command_verbatim(trained, capsys, monkeypatch):
         + "=" * 80 + "\n"
 
     # with the printed seed, the first sample is what this model and vocabulary give
-    model, tok, _ = load_model("model/final_model", "cache/vocab_small.txt", dtype=pick_dtype("auto", "cpu"))
+    model, tok, _ = load_model("model/final_model", "cache/vocab_small.txt", dtype=pick_dtype("auto", "cpu", "decode"))
     settings = SamplingSettings(max_new_tokens=1000, top_k=8, num_samples=1, seed=int(figures.group(3)),
                                 ignore_eos=True)
     again, ids = gpt2chinese.generate_samples(Engine(model), tok, "[CLS]苏落妩媚一笑", settings, 1, lambda s: None)

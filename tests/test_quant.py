@@ -1,6 +1,6 @@
-"""int8 weight-only decoding (quant.py): on a small GPT trained here on a prepared novel, the int8 model's
-whole-split val loss stays within 0.01 nats of the float one, its layers run torch's int8 kernel, and
-sample.py --quantize=int8 writes text; bad settings are one-line errors."""
+"""int8 decoding (quant.py): on a small GPT trained here on a prepared novel, the int8 model's whole-split val
+loss stays within 0.01 nats of the float one with either kernel, its layers run the kernel chosen (the faster
+of the two as timed), and sample.py --quantize=int8 writes text; bad settings are one-line errors."""
 
 import io
 import math
@@ -21,7 +21,8 @@ from preparing import prepare
 from engine import Engine
 from mixture import whole_split_loss
 from model import GPT, GPTConfig
-from quant import GEMM_ROWS, Int8Linear, apply_quantization, check_quantize_mode, quantize_int8
+import quant
+from quant import GEMM_ROWS, KERNELS, Int8Linear, apply_quantization, check_quantize_mode, quantize_int8
 
 PHRASES = ["宝玉笑道：", "黛玉听了，", "“你这会子又来了。”", "袭人忙说道：", "凤姐儿", "老太太", "。\n", "湘云"]
 
@@ -59,16 +60,20 @@ def trained(tmp_path_factory, one_thread_per_module) -> tuple[Path, np.ndarray]:
     return out, np.asarray(data.tokens("val"))
 
 
+KERNEL_OPS = {"dynamic": "quantized::linear_dynamic", "weight": "aten::_weight_int8pack_mm"}
+
+
 @pytest.mark.slow
-def test_int8_val_loss_stays_within_a_hundredth_of_a_nat(trained):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_int8_val_loss_stays_within_a_hundredth_of_a_nat(trained, kernel):
     out, val_ids = trained
     model, tok, _ = load_model(str(out))
-    int8_model = apply_quantization(load_model(str(out)).model, "int8")
+    int8_model = quantize_int8(load_model(str(out)).model, kernel)
     float_loss = whole_split_loss(model, val_ids, context=16)
     int8_loss = whole_split_loss(int8_model, val_ids, context=16)
     assert float_loss < 0.5 * math.log(tok.vocab_size)  # it did learn the phrases
     assert abs(int8_loss - float_loss) < 0.01, (float_loss, int8_loss)
-    # the decode path (the int8 kernel, a few rows at a time) scores alike: one window, 8 positions at a time
+    # the decode path (a few rows at a time) scores alike: one window, 8 positions at a time
     x = torch.as_tensor(val_ids[:65].astype(np.int64))[None]
     step_losses = []
     for start in range(0, 64, 8):
@@ -80,26 +85,60 @@ def test_int8_val_loss_stays_within_a_hundredth_of_a_nat(trained):
 
 
 @pytest.mark.slow
-def test_layers_are_int8_and_run_the_int8_kernel(trained):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_layers_are_int8_and_run_the_kernel_asked_for(trained, kernel):
     out, _ = trained
-    model = apply_quantization(load_model(str(out)).model, "int8")
+    model = quantize_int8(load_model(str(out)).model, kernel)
     int8_layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
     assert len(int8_layers) == 4 * model.config.n_layer + 1  # c_attn, c_proj, c_fc, c_proj per block, the head
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert all(layer.kernel == kernel for layer in int8_layers)
     assert model.lm_head.weight.dtype == torch.int8 and model.transformer.wte.weight.dtype == torch.float32
     engine = Engine(model)
     prompt = torch.tensor([[1, 2, 3]])
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         tokens = engine.generate(prompt, 4, temperature=0)
-    names = [e.key for e in prof.key_averages()]
-    assert "aten::_weight_int8pack_mm" in names
+    names = {e.key for e in prof.key_averages()}
+    assert KERNEL_OPS[kernel] in names and not set(KERNEL_OPS.values()) - {KERNEL_OPS[kernel]} & names
     assert tokens.shape == (1, 7)
-    # each layer's output is the dequantised product (activations rounded to bf16 as the kernel does)
+    # each layer's output is the dequantised product: activations rounded to bf16 (weight kernel) or
+    # quantised to 8 bits per product (dynamic kernel: about 1% of the output's size)
     layer = model.transformer.h[0].mlp.c_fc
     for rows in (1, 8, GEMM_ROWS + 1):
         x = torch.randn(rows, layer.in_features)
-        expected = x.bfloat16().float() @ layer.dequantized(torch.float32).T + layer.bias
-        torch.testing.assert_close(layer(x), expected, rtol=2e-2, atol=2e-2)
+        if kernel == "weight":
+            expected = x.bfloat16().float() @ layer.dequantized(torch.float32).T + layer.bias
+            torch.testing.assert_close(layer(x), expected, rtol=2e-2, atol=2e-2)
+        else:
+            expected = x @ layer.dequantized(torch.float32).T + layer.bias
+            assert ((layer(x) - expected).norm() / expected.norm()).item() < 0.03
+
+
+def test_auto_keeps_the_kernel_that_timed_faster(monkeypatch, capsys):
+    torch.manual_seed(0)
+    x = torch.tensor([[1, 2, 3]])
+    for timings in ({"dynamic": 2.0, "weight": 1.0}, {"dynamic": 1.0, "weight": 3.0}):
+        model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=32)).eval()
+        expected = model(x)[0]
+        timed = []
+        monkeypatch.setattr(quant, "products_ms", lambda layers, kernel: timed.append(kernel) or timings[kernel])
+        quantize_int8(model)
+        faster = min(timings, key=timings.get)
+        assert sorted(timed) == sorted(KERNELS)
+        assert {layer.kernel for layer in quant.int8_layers(model)} == {faster}
+        assert all((layer.packed is None) == (faster == "weight") for layer in quant.int8_layers(model))
+        note = capsys.readouterr().err
+        assert f"int8 products with the {faster} kernel" in note and f"dynamic {timings['dynamic']:.1f} ms" in note
+        torch.testing.assert_close(model(x)[0], expected, rtol=0.05, atol=0.05)
+
+
+def test_products_ms_times_every_layer_with_the_kernel():
+    torch.manual_seed(0)
+    model = quantize_int8(GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32)), "weight")
+    layers = quant.int8_layers(model)
+    for kernel in KERNELS:
+        assert quant.products_ms(layers, kernel) > 0
+        assert {layer.kernel for layer in layers} == {kernel}
 
 
 def test_int8_weights_round_to_their_scales():

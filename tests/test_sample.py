@@ -78,7 +78,7 @@ def setup(tmp_path_factory):
 
 
 def load(setup, name="out"):
-    model, tok, _ = load_model(str(setup / name), device="cpu", dtype=pick_dtype("auto", "cpu"))
+    model, tok, _ = load_model(str(setup / name), device="cpu", dtype=pick_dtype("auto", "cpu", "decode"))
     return Engine(model), tok
 
 
