@@ -193,15 +193,17 @@ def sample_py_rate(checkpoint: str, flags: list[str], new_tokens: int) -> tuple[
 def bench_decode(argv: list[str]) -> None:
     """Our users' model as sample.py runs it (a fresh process, its own "N tokens in S s" line) at batch 1 and 8,
     for each dtype and --quantize, beside transformers' GPT-2 fp32 generate with the same sampling (top_k 8).
-    --tokens=N: new tokens per sample (default 300); --busy: also batch 1 next to a busy process."""
+    --tokens=N: new tokens per sample (default 300); --repeats=N: runs of each, the median shown (default 3);
+    --busy: also batch 1 next to a busy process."""
     import tempfile
     options = dict(arg.removeprefix("--").split("=", 1) if "=" in arg else (arg.removeprefix("--"), "1")
                    for arg in argv)
     config = USERS_MODEL
     new_tokens = min(int(options.get("tokens", 300)), config.block_size - len(PROMPT))
+    repeats = int(options.get("repeats", 3))
     print(f"decode: {cpu_flags()}; {torch.get_num_threads()} threads; users' model {config.n_layer} layers x "
           f"{config.n_embd}, vocabulary {config.vocab_size}; `python sample.py --start={PROMPT} "
-          f"--max_new_tokens={new_tokens} --ignore_eos --seed=1` (default sampling: top_k 8), ms per token as it prints")
+          f"--max_new_tokens={new_tokens} --ignore_eos --seed=1` (default sampling: top_k 8), ms per token as it prints, median of {repeats} runs")
     print(f"  {'':34s} {'batch':>5s} {'ms/token':>8s} {'tokens/s':>8s} {'x transformers':>14s}")
     reference = {}
     hf = hf_gpt2(config).eval()
@@ -216,7 +218,9 @@ def bench_decode(argv: list[str]) -> None:
         checkpoint = users_checkpoint(folder)
         for name, flags in variants.items():
             for batch_size in (1, 8):
-                ms, notes = sample_py_rate(checkpoint, flags + [f"--num_samples={batch_size}"], new_tokens)
+                runs = [sample_py_rate(checkpoint, flags + [f"--num_samples={batch_size}"], new_tokens)
+                        for _ in range(repeats)]
+                ms, notes = sorted(runs)[len(runs) // 2]  # the median run: this machine's neighbours come and go
                 print(f"  {name:34s} {batch_size:5d} {ms:8.2f} {1e3 / ms:8.1f} {reference[batch_size] / ms:14.2f}",
                       flush=True)
                 if batch_size == 1:
