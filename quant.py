@@ -80,10 +80,11 @@ class Int8Linear(nn.Module):
         return (self.weight.to(dtype) * self.scale.to(dtype)[:, None])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)  # (M, in)
         if self.kernel == "dynamic":  # the bias is packed with the weight
-            y = torch.ops.quantized.linear_dynamic(rows.float().contiguous(), self.packed, self.reduce_range)
-            return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+            # any leading shape: the kernel takes (..., in) as it is
+            y = torch.ops.quantized.linear_dynamic(x.float().contiguous(), self.packed, self.reduce_range)
+            return y.to(x.dtype)
+        rows = x.reshape(-1, self.in_features)  # (M, in)
         if rows.size(0) >= GEMM_ROWS:
             # activations rounded to bf16 as the kernel rounds them, so evaluation scores what decoding runs
             y = F.linear(rows.to(torch.bfloat16).to(rows.dtype), self.dequantized(rows.dtype))
