@@ -234,6 +234,8 @@ class MetricsLog:
             plot_losses(self.path)
         if self.run is not None:
             self.run.finish()
+            import wandb
+            wandb.teardown()  # waits for wandb's service to write the run out (an offline run once lost its metrics)
 
 
 def wandb_mode() -> str:
