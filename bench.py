@@ -12,13 +12,11 @@ Timings on a shared machine are noisy: run it on an idle one for figures to quot
 """
 
 import gc
-import math
 import os
 import re
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from collections import Counter
 from pathlib import Path
 from typing import Callable
@@ -26,17 +24,17 @@ from typing import Callable
 import numpy as np
 import torch
 
-from checkpoint import checkpoint_state
-from engine import Engine
-from mixture import Memory
+from novelgpt.checkpoint import checkpoint_state
+from novelgpt.engine import Engine
+from novelgpt.mixture import Memory
 from configurator import UserError
-from dataset import load_meta, vocab_size_of
+from novelgpt.dataset import load_meta, vocab_size_of
 from model import GPT, GPTConfig
-from quant import quantize_int8
-from runtime import Runtime, auto_dtype_note, cpu_has_bf16, init_runtime, peak_flops_for
-from tokenizer import DEFAULT_VOCAB_SIZE, Tokenizer
-from optim import make_optimizers, train_step
-from trainsettings import DEFAULTS, TYPES, check_config, gpt_config, optimizer_settings, training_shape
+from novelgpt.quant import quantize_int8
+from novelgpt.runtime import Runtime, auto_dtype_note, cpu_has_bf16, init_runtime, peak_flops_for
+from novelgpt.tokenizer import DEFAULT_VOCAB_SIZE, Tokenizer
+from novelgpt.optim import make_optimizers, train_step
+from novelgpt.trainsettings import DEFAULTS, TYPES, check_config, gpt_config, optimizer_settings, training_shape
 
 # our users' GPT2-Chinese model, and a small one that trains quickly on a CPU
 USERS_MODEL = GPTConfig(block_size=512, vocab_size=DEFAULT_VOCAB_SIZE, n_layer=10, n_head=12, n_embd=768)
@@ -237,7 +235,7 @@ def decode_in_child(variant: str, threads: int, wait_policy: str | None, prompt_
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
     if wait_policy:
         env["OMP_WAIT_POLICY"] = wait_policy
-    code = (f"import torch, bench, runtime; torch.set_num_threads({threads} or runtime.decode_threads()); "
+    code = (f"import torch, bench; from novelgpt import runtime; torch.set_num_threads({threads} or runtime.decode_threads()); "
             f"model = bench.decode_models(bench.USERS_MODEL, 'cpu')['ours {variant}'](); "
             f"print(bench.time_decode(model, 1, {prompt_len}, {new_tokens}), torch.get_num_threads())")
     result = subprocess.run([sys.executable, "-c", code], env=env, cwd=Path(__file__).resolve().parent,
@@ -274,8 +272,8 @@ def bench_decode_busy(prompt_len: int, new_tokens: int) -> None:
 def bench_tokenize(argv: list[str]) -> None:
     """Tokenizing rate on a synthetic 7.65M-character novel (our users' corpus size), and all of prepare.py."""
     import tempfile
-    from preparing import count_characters, prepare
-    from tokenizer import Tokenizer, common_characters
+    from novelgpt.preparing import count_characters, prepare
+    from novelgpt.tokenizer import Tokenizer, common_characters
     rng = np.random.default_rng(0)
     hanzi = [c for c in common_characters() if "\u4e00" <= c <= "\u9fff"][:3000]
     # Zipf-like character frequencies, with punctuation and paragraph breaks, like a novel.
@@ -408,9 +406,9 @@ def sample_seconds(model: GPT, dtype: torch.dtype, compiled: bool, chars: int = 
 def gpu_mode_line(config: dict, rt: Runtime, compiled: bool, train_tokens: int,
                   batches: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> tuple[GPT | None, str]:
     """Train eager or compiled and describe it: speed, MFU, peak memory beside the estimate, time per epoch."""
-    import memory
+    from novelgpt import footprint
     label = "compiled" if compiled else "eager   "
-    est = memory.estimate_memory(training_shape(config, config["vocab_size"]), "cuda", rt.dtype_name, compiled)
+    est = footprint.estimate_footprint(training_shape(config, config["vocab_size"]), "cuda", rt.dtype_name, compiled)
     try:
         model, seconds, allocated, reserved = gpu_steps(config, rt, compiled, batches)
     except torch.cuda.OutOfMemoryError:
@@ -495,7 +493,7 @@ def ngram_build_in_child(tokens: int) -> tuple[float, float]:
     """(seconds, peak GB) of building the modified-KN 5-gram (leave-one-out included) of the default corpus's
     train split repeated to `tokens` tokens, in a fresh process so that its peak memory is its own."""
     code = (f"import resource, sys, time, numpy as np; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-            "from ngram import modified_kneser_ney\n"
+            "from novelgpt.ngram import modified_kneser_ney\n"
             f"ids = np.resize(np.fromfile('data/hongloumeng/train.bin', dtype=np.uint16), {tokens})\n"
             "t = time.perf_counter(); modified_kneser_ney(ids, %d, 5); t = time.perf_counter() - t\n"
             "print(t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)" % DEFAULT_VOCAB_SIZE)
@@ -506,8 +504,8 @@ def ngram_build_in_child(tokens: int) -> tuple[float, float]:
 def bench_memory(argv: list[str]) -> None:
     """The memory's cost: building the n-gram for a 7.65M-character corpus (seconds, peak memory; --big: also
     100M), one query, and decoding our users' model at batch 1 and 8 with and without the mixture."""
-    from ngram import modified_kneser_ney
-    from preparing import prepare_default_corpus
+    from novelgpt.ngram import modified_kneser_ney
+    from novelgpt.preparing import prepare_default_corpus
     print(f"memory: {cpu_flags()}, {torch.get_num_threads()} threads")
     prepare_default_corpus("data", "hongloumeng")
     for tokens in (7_650_000, 100_000_000) if "--big" in argv else (7_650_000,):

@@ -6,26 +6,30 @@ dataset's n-gram) alone, and the two mixed as sample.py mixes them.
     python evaluate.py --out_dir out-novel-cpu --json        # the same as one JSON object, for scripts
     python evaluate.py --out_dir out-novel-cpu --baseline    # also the KN trigram and modified-KN 5-gram
     python evaluate.py --init_from model/final_model --text chapter.txt --dataset mynovel
+    python evaluate.py --dataset hongloumeng --copies FILE:samples/samples.txt   # spans copied from train.bin
 
 One token is one character with our vocabulary, so nats per token are nats per character.
 """
 
 import json
 import math
-import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
-from checkpoint import check_vocab, load_model, read_checkpoint, resolve_source
-from configurator import Options, UserError, exit_with_error, get_config
-from dataset import open_dataset
-from preparing import check_encoding, check_errors, describe_encodings, prepare_default_corpus, read_documents
-from quant import apply_quantization, check_quantize_mode
-from files import FolderLock, atomic_torch_save
-from mixture import PARTS, fit_mixture, mean_nats_of, memory_parts, mixture_loss, token_log_probs, two_fold_loss
-from ngram import DEFAULT_ORDER, kneser_ney_trigram_loss, load_ngram, modified_kneser_ney_loss
-from runtime import init_runtime, out_of_memory
+from novelgpt.checkpoint import check_vocab, load_model, read_checkpoint, resolve_source
+from configurator import Options, UserError, get_config
+from novelgpt.copycheck import DEFAULT_MIN_COPY, copy_summary, load_copy_index
+from novelgpt.dataset import DEFAULT_NAME, load_meta, open_dataset
+from novelgpt.preparing import check_encoding, check_errors, describe_encodings, prepare_default_corpus, read_documents
+from novelgpt.quant import apply_quantization, check_quantize_mode
+from novelgpt.files import FolderLock, atomic_torch_save
+from novelgpt.mixture import PARTS, fit_mixture, mean_nats_of, memory_parts, mixture_loss, two_fold_loss
+from novelgpt.scoring import token_log_probs
+from novelgpt.ngram import DEFAULT_ORDER, kneser_ney_trigram_loss, load_ngram, modified_kneser_ney_loss
+from novelgpt.runtime import init_runtime, script_errors
+from novelgpt.tokenizer import Tokenizer
 
 # ------------------------------------------------------------------ reporting
 
@@ -54,6 +58,9 @@ DEFAULTS = Options(
     device=("auto", "auto, cpu, cuda, cuda:1, mps"),
     dtype=("float32", "the scoring precision; float32 is exact, bfloat16 faster where the CPU computes it natively"),
     quantize=("none", "int8: score the model with int8 weights, as sample.py --quantize=int8 decodes (CPU)"),
+    copies=("", "a text, or FILE:path, to check for spans copied verbatim from --dataset's training text "
+                "(default hongloumeng); no model is loaded"),
+    min_copy=(DEFAULT_MIN_COPY, "with --copies: the shortest span reported, in characters"),
 )
 
 
@@ -86,6 +93,22 @@ def mixture_weights(checkpoint: dict, path: str, data, counts, model, config: di
         except UserError as e:
             say(f"  note: the fitted weights are not stored ({e})")
     return np.array([record["weights"][part] for part in PARTS])
+
+
+def check_copies(config: dict) -> None:
+    """--copies: the longest span of the text found verbatim in the dataset's training text, and the copied share
+    (the copy index is built and cached on first use, and its time said)."""
+    folder = Path(config["data_dir"] or "data") / (config["dataset"] or DEFAULT_NAME)
+    started = time.perf_counter()
+    index = load_copy_index(folder)
+    print(f"copy index of {folder}: {len(index.train):,} tokens, {time.perf_counter() - started:.2f} s")
+    text = config["copies"]
+    if text.startswith("FILE:"):
+        try:
+            text = Path(text[5:]).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read {text[5:]} as UTF-8 text: {e}") from None
+    print(copy_summary(text, Tokenizer.from_meta(load_meta(folder)), index, config["min_copy"]))
 
 
 def evaluate(config: dict) -> dict[str, float]:
@@ -161,7 +184,8 @@ def evaluate(config: dict) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
+    advice = "use --dtype=bfloat16 or --quantize=int8 (CPU), or a machine with more memory"
+    with script_errors("while scoring", lambda: advice):
         config = get_config(DEFAULTS, argv)
         if config["context"] < 0:
             raise UserError(f"--context must be 0 or more, got {config['context']}")
@@ -169,21 +193,12 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"--ngram must be on or off, got {config['ngram']!r}")
         check_encoding(config["encoding"])
         check_errors(config["errors"])
-        evaluate(config)
-    except UserError as e:
-        exit_with_error(e)
-    except ValueError as e:
-        exit_with_error(str(e).splitlines()[0])
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        raise SystemExit(130)
-    except (RuntimeError, MemoryError) as e:
-        short = out_of_memory(e)
-        if short is None:
-            raise
-        exit_with_error(f"{short} while scoring: use --dtype=bfloat16 or --quantize=int8 (CPU), or a machine with "
-                        "more memory")
-
+        if config["copies"]:
+            return check_copies(config)
+        try:
+            evaluate(config)
+        except ValueError as e:
+            raise UserError(str(e).splitlines()[0]) from None
 
 if __name__ == "__main__":
     main()

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import sys
 
-from checkpoint import load_model, resolve_source
+from novelgpt.checkpoint import load_model, resolve_source
 from configurator import Options, UserError, exit_with_error, get_config, print_options
-from files import check_path_names
-from hf import FORMATS, export_folder
+from novelgpt.files import check_path_names
+from novelgpt.hf import FORMATS, export_folder
 
 DEFAULTS = Options(
     format=("both", "both (model.safetensors and pytorch_model.bin), bin or safetensors"),

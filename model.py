@@ -12,13 +12,11 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from tokenizer import DEFAULT_VOCAB_SIZE
-
 
 @dataclass
 class GPTConfig:
     block_size: int = 512  # positions the model can see (n_positions in a Hugging Face config)
-    vocab_size: int = DEFAULT_VOCAB_SIZE
+    vocab_size: int = 13317  # GPT2-Chinese vocab_small.txt's size (novelgpt.tokenizer.DEFAULT_VOCAB_SIZE)
     n_layer: int = 10
     n_head: int = 12
     n_embd: int = 768

@@ -1,13 +1,13 @@
 """Turn a novel into train.bin / val.bin token files plus meta.json and vocab.txt under data/<name>/.
 
     python prepare.py                          # the built-in default: 红楼梦 (Zhiyanzhai edition)
-    python prepare.py mynovel.txt --name mynovel
-    python prepare.py input.json --name mynovel --vocab cache/vocab_small.txt
+    python prepare.py mynovel.txt --dataset mynovel    # (--name, the old spelling, works too)
+    python prepare.py input.json --dataset mynovel --vocab cache/vocab_small.txt
     python prepare.py big5novel.txt --encoding=big5
 
 Input: a .txt file (UTF-8, UTF-16, GB18030/GBK or Big5, detected unless --encoding names one), a
 GPT2-Chinese .json (a list of strings, a list of {"text": ...} objects, or JSON Lines), or a folder of
-.txt files. The work is done by dataset.py; this file is the command line.
+.txt files. The work is done by novelgpt/preparing.py; this file is the command line.
 """
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ import sys
 from pathlib import Path
 
 from configurator import Options, UserError, exit_with_error, get_config
-from preparing import prepare
-from tokenizer import DEFAULT_VOCAB_SIZE
+from novelgpt.preparing import prepare
+from novelgpt.tokenizer import DEFAULT_VOCAB_SIZE
 
 MAX_VOCAB_SIZE = 2**32  # ids are written as uint32 at most
 DEFAULTS = Options(
     source=("", "a .txt/.json file or a folder of .txt files (a bare argument); empty: the default corpus"),
-    name=("", "dataset name: the output goes to data_dir/<name>/ (default: the input's file name)"),
+    dataset=("", "dataset name: the output goes to data_dir/<dataset>/ (default: the input's file name)"),
     vocab=("", "a GPT2-Chinese/BERT vocab file, or a model folder (its vocab.txt), instead of building one"),
     vocab_size=(DEFAULT_VOCAB_SIZE, "size of a built vocabulary"),
     val_fraction=(0.1, "last part of each document for validation"),
@@ -47,11 +47,12 @@ def report(meta: dict, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        config = get_config(DEFAULTS, argv, positional="source")
+        config = get_config(DEFAULTS, argv, aliases=dict(name="dataset"), positional="source")
         if not 0 < config["vocab_size"] <= MAX_VOCAB_SIZE or not 0 < config["block_size"] < 2**31:
             raise UserError(f"--vocab_size must be in 6..{MAX_VOCAB_SIZE:,} (token ids are stored as uint32) and "
                             f"--block_size in 1..2**31-1; got {config['vocab_size']} and {config['block_size']}")
-        meta = prepare(**config)
+        settings = {key: value for key, value in config.items() if key != "dataset"}
+        meta = prepare(name=config["dataset"], **settings)
     except UserError as e:
         exit_with_error(e)
     except MemoryError:

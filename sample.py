@@ -23,32 +23,25 @@ import sys
 import time
 from typing import Callable, NamedTuple
 
-from configurator import Options, UserError, check_text, exit_with_error, get_config
-from copycheck import CopyIndex, copy_summary
-from engine import Engine, SamplingSettings
-from files import check_path_names
-from gpt2chinese import generate_command, generate_samples, header, save_samples_file
-from runtime import out_of_memory
-from startup import MEMORY_OPTIONS, load_generator
-from tokenizer import Tokenizer
+from configurator import Options, UserError, check_text, get_config
+from novelgpt.copycheck import CopyIndex, copy_summary
+from novelgpt.engine import Engine, SamplingSettings
+from novelgpt.files import check_path_names
+from novelgpt.gpt2chinese_generate import generate_command, generate_samples, header, save_samples_file
+from novelgpt.runtime import script_errors
+from novelgpt.startup import load_writer, start_options
+from novelgpt.tokenizer import Tokenizer
 
 TYPES = dict(compile=bool)  # keys whose default None means auto
 DEFAULTS = Options(
-    out_dir=("out", "the best checkpoint, out_dir/ckpt.pt, is used"),
-    init_from=("", "or a GPT2-Chinese / Hugging Face GPT-2 folder, or a .pt checkpoint file"),
-    vocab=("", "vocab.txt for an --init_from folder (defaults to the folder's vocab.txt)"),
+    **start_options("used"),
     start=("[CLS]", "the prompt, or FILE:path to read it from a file; [CLS] starts a new text"),
     **SamplingSettings.options(),
     seed=(-1, "-1 = a new random seed each run (printed, to repeat a run)"),
-    device=("auto", "auto, cpu, cuda, cuda:1, mps, or a GPU index such as 0 or 1"),
-    dtype=("auto", "auto, float32, bfloat16, float16"),
-    quantize=("none", "int8: int8 weights with per-channel scales, for faster decoding on a CPU"),
-    compile=(None, "torch.compile the one-token decode step; None: auto (on for CUDA on Linux), or True/False"),
     save_samples=(False, "also write the samples to a new file in save_samples_path"),
     save_samples_path=("samples", "folder for --save_samples files"),
     interactive=(False, "continue each line typed in the terminal, until Ctrl-D"),
     min_copy=(12, "report spans of this many characters copied verbatim from the training text; 0 = off"),
-    **MEMORY_OPTIONS,
 )
 MAX_PROMPT_BYTES = 16 << 20  # a FILE: prompt larger than this is not a prompt (a device, or a whole corpus)
 # GPT2-Chinese generate.py's option names, so commands copied from its READMEs work unchanged
@@ -249,7 +242,12 @@ def main(argv: list[str] | None = None) -> None:
     """The command line; every user error ends with a one-line message and exit status 2."""
     argv = sys.argv[1:] if argv is None else list(argv)
     config = dict(DEFAULTS)
-    try:
+
+    def advice() -> str:
+        return (f"lower --num_samples (now {config['num_samples']}) or --max_new_tokens (now "
+                f"{config['max_new_tokens']}), or use --quantize=int8 on a CPU")
+
+    with script_errors("while generating", advice):
         chinese = generate_command(argv, DEFAULTS)  # GPT2-Chinese's generate.py flags, mapped onto ours
         config = get_config(DEFAULTS, chinese.argv if chinese else argv, ALIASES, types=TYPES)
         try:
@@ -260,16 +258,14 @@ def main(argv: list[str] | None = None) -> None:
         if config["save_samples"]:
             check_samples_folder(config["save_samples_path"])
         default_out = not config["init_from"] and config["out_dir"] == DEFAULTS["out_dir"]
-        gen = load_generator(config["init_from"] or config["out_dir"], vocab=config["vocab"], device=config["device"],
-                             dtype=config["dtype"], compile=config["compile"], quantize=config["quantize"],
-                             newest_fallback=default_out, compile_note="the first tokens wait for it")
-        engine, tok = gen.engine, gen.tok
+        writer = load_writer(config, newest_fallback=default_out, compile_note="the first tokens wait for it")
+        engine, tok = writer.engine, writer.tok
         if chinese and chinese.length_from_model:
             config["max_new_tokens"] = engine.model.config.block_size  # --length -1: the model's n_ctx
         if not config["interactive"] and len(tok.encode(prompt)) == 0:
             raise UserError('empty prompt; give some text with --start, or --start "[CLS]" to begin a new text')
-        gen.mix_memory(config["ngram"], config["dataset"], config["data_dir"])
-        index = gen.copy_index() if config["min_copy"] > 0 else None
+        writer.mix_memory(config)
+        index = writer.copy_index() if config["min_copy"] > 0 else None
         seed = config["seed"] if config["seed"] >= 0 else random.SystemRandom().randrange(2**31)
         if config["interactive"]:
             interactive_loop(engine, tok, config, seed, index)
@@ -277,17 +273,6 @@ def main(argv: list[str] | None = None) -> None:
             run_gpt2chinese(engine, tok, prompt, config, seed, index, chinese.batch_size)
         else:
             run_prompt(engine, tok, prompt, config, seed, index)
-    except UserError as e:
-        exit_with_error(e)
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        raise SystemExit(130)
-    except (RuntimeError, MemoryError) as e:
-        short = out_of_memory(e)
-        if short is None:
-            raise
-        exit_with_error(f"{short} while generating: lower --num_samples (now {config['num_samples']}) or "
-                        f"--max_new_tokens (now {config['max_new_tokens']}), or use --quantize=int8 on a CPU")
 
 
 if __name__ == "__main__":

@@ -45,10 +45,10 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.exceptions import HTTPException
 
 from configurator import Options, UserError, exit_with_error, get_config
-from copycheck import DEFAULT_MIN_COPY, GRAM, CopyIndex, find_copies
-from engine import Engine, SamplingSettings
-from startup import MEMORY_OPTIONS, load_generator
-from tokenizer import Tokenizer
+from novelgpt.copycheck import DEFAULT_MIN_COPY, GRAM, CopyIndex, find_copies
+from novelgpt.engine import Engine, SamplingSettings
+from novelgpt.startup import load_writer, start_options
+from novelgpt.tokenizer import Tokenizer
 
 STATIC = Path(__file__).resolve().parent / "static"
 FRAME_SECONDS = 0.015  # tokens generated within one frame go out as one event: fewer, fuller messages
@@ -62,9 +62,7 @@ MESSAGES = {"string_unicode": "not valid Unicode text (it holds a lone surrogate
 
 TYPES = dict(compile=bool)  # keys whose default None means auto
 DEFAULTS = Options(
-    out_dir=("out", "the best checkpoint, out_dir/ckpt.pt, is served"),
-    init_from=("", "or a GPT2-Chinese / Hugging Face GPT-2 folder, or a .pt checkpoint file"),
-    vocab=("", "vocab.txt for an --init_from folder (defaults to the folder's vocab.txt)"),
+    **start_options("served"),
     host=("127.0.0.1", "anything but a loopback address exposes the model to the network: at your own risk"),
     port=(8000, "0: any free port"),
     # the page's starting values; each request may change them within the limits below
@@ -75,11 +73,6 @@ DEFAULTS = Options(
     max_waiting=(32, "requests that may wait in the queue; more get 503"),
     min_copy=(DEFAULT_MIN_COPY, "copy check: mark spans of at least this many characters found in the training text"),
     copy_check=(True, "False: no copy check (no index is built)"),
-    **MEMORY_OPTIONS,
-    device=("auto", "auto, cpu, cuda, cuda:1, mps, or a GPU index such as 0 or 1"),
-    dtype=("auto", "auto, float32, bfloat16, float16"),
-    quantize=("none", "int8: int8 weights with per-channel scales, for faster decoding on a CPU"),
-    compile=(None, "torch.compile the one-token decode step; None: auto (on for CUDA on Linux)"),
 )
 ALIASES = dict(length="max_new_tokens", nsamples="num_samples", topk="top_k", topp="top_p",
                model_path="init_from", tokenizer_path="vocab")
@@ -504,15 +497,13 @@ def main(argv: list[str] | None = None) -> None:
         config = get_config(DEFAULTS, argv, ALIASES, types=TYPES)
         defaults = check_config(config)
         default_out = not config["init_from"] and config["out_dir"] == DEFAULTS["out_dir"]
-        gen = load_generator(config["init_from"] or config["out_dir"], vocab=config["vocab"], device=config["device"],
-                             dtype=config["dtype"], compile=config["compile"], quantize=config["quantize"],
-                             newest_fallback=default_out, compile_note="the first request waits for it")
-        engine, tok, path = gen.engine, gen.tok, gen.path
-        copy_index = gen.copy_index() if config["copy_check"] else None
+        writer = load_writer(config, newest_fallback=default_out, compile_note="the first request waits for it")
+        engine, tok, path = writer.engine, writer.tok, writer.path
+        copy_index = writer.copy_index() if config["copy_check"] else None
         if defaults.top_k > tok.vocab_size:  # every request from the page, which starts with it, would get 422
             raise UserError(f"--top_k must be at most {tok.vocab_size} (the vocabulary size; 0 = off), "
                             f"got {defaults.top_k}")
-        gen.mix_memory(config["ngram"], config["dataset"], config["data_dir"])
+        writer.mix_memory(config)
         loopback = is_loopback(config["host"])
         allowed = ["127.0.0.1", "localhost", "::1"] if loopback else None
         app = create_app(engine, tok, name=str(path), defaults=defaults, copy_index=copy_index,

@@ -21,7 +21,7 @@ import socket
 import sys
 import time
 import urllib.parse
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -29,21 +29,21 @@ from typing import Callable
 import numpy as np
 import torch
 
-from checkpoint import (check_vocab, checkpoint_state, fine_tune_vocab, model_from_checkpoint, read_checkpoint,
+from novelgpt.checkpoint import (check_vocab, checkpoint_state, fine_tune_vocab, model_from_checkpoint, read_checkpoint,
                         resolve_source)
 from configurator import UserError, exit_with_error, get_config
-from dataset import Dataset, open_dataset, vocab_size_of
-from files import FolderLock, atomic_torch_save, remove_stale_temps, temp_path
-from gpt2chinese import train_command
-from hf import load_hf_gpt2
-from memory import estimate_report, plan_memory
-from mixture import aligned_parts, fit_mixture, fit_weights, mixture_loss
-from ngram import InterpolatedKneserNey, load_ngram
+from novelgpt.dataset import Dataset, open_dataset, vocab_size_of
+from novelgpt.files import FolderLock, atomic_torch_save, remove_stale_temps, temp_path
+from novelgpt.gpt2chinese_train import train_command
+from novelgpt.hf import load_hf_gpt2
+from novelgpt.footprint import estimate_report, plan_footprint
+from novelgpt.mixture import aligned_parts, fit_mixture, fit_weights, mixture_loss
+from novelgpt.ngram import InterpolatedKneserNey, load_ngram
 from model import GPT
-from optim import decay_start, lr_factor, make_optimizers, set_lr, train_step
-from preparing import prepare_default_corpus
-from runtime import Runtime, init_runtime, out_of_memory, peak_flops_for
-from trainsettings import (DEFAULTS, SHAPE_KEYS, TYPES, check_config, gpt_config, optimizer_settings, schedule,
+from novelgpt.optim import decay_start, lr_factor, make_optimizers, set_lr, train_step
+from novelgpt.preparing import prepare_default_corpus
+from novelgpt.runtime import Runtime, init_runtime, out_of_memory, peak_flops_for
+from novelgpt.trainsettings import (DEFAULTS, SHAPE_KEYS, TYPES, check_config, gpt_config, optimizer_settings, schedule,
                            training_shape)
 
 WANDB_TIMEOUT = 20  # seconds a reachable wandb server gets to start the run before it is logged offline
@@ -486,7 +486,7 @@ def evaluate_and_save(run: Run, stopping: Callable[[], bool] = lambda: False) ->
     stopped during the evaluation (nothing logged or saved then)."""
     if run.dataset.fingerprint() != run.fingerprint:
         raise UserError(f"{run.dataset.folder} was prepared again during training; stopped (the last good "
-                        "checkpoint is kept). Prepare new data under another --name while a run uses it")
+                        "checkpoint is kept). Prepare new data under another --dataset while a run uses it")
     losses = estimate_loss(run.raw_model, run.dataset, run.config, run.rt, run.val_memory, stopping)
     if losses is None:
         return None
@@ -632,9 +632,9 @@ def dataset_vocab_size(config: dict) -> int:
     return vocab_size_of(Path(config["data_dir"]) / config["dataset"])
 
 
-def fit_memory(config: dict, rt: Runtime) -> dict:
-    """config with the micro-batch and accumulation that --gpu_memory's budget chose (memory.plan_memory)."""
-    shape = plan_memory(training_shape(config, dataset_vocab_size(config)), config["gpu_memory"], rt)
+def fit_footprint(config: dict, rt: Runtime) -> dict:
+    """config with the micro-batch and accumulation that --gpu_memory's budget chose (memory.plan_footprint)."""
+    shape = plan_footprint(training_shape(config, dataset_vocab_size(config)), config["gpu_memory"], rt)
     return dict(config, batch_size=shape.batch_size, gradient_accumulation_steps=shape.gradient_accumulation_steps)
 
 
@@ -643,7 +643,7 @@ def train(config: dict) -> dict:
     check_config(config)
     start = LengthPlanner.clock()
     rt = init_runtime(config["device"], config["dtype"], config["compile"], seed=config["seed"])
-    config = fit_memory(config, rt)
+    config = fit_footprint(config, rt)
     curve = schedule(config)
     losses, stopped, run = {}, None, None
     try:

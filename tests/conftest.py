@@ -17,13 +17,13 @@ import pytest
 import torch
 import uvicorn
 
-from checkpoint import checkpoint_state
-from copycheck import load_copy_index
-from preparing import prepare
-from hf import export_folder
+from novelgpt.checkpoint import checkpoint_state
+from novelgpt.copycheck import load_copy_index
+from novelgpt.preparing import prepare
+from novelgpt.hf import export_folder
 from model import GPT, GPTConfig
 from serve import create_app
-from tokenizer import Tokenizer
+from novelgpt.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 # one thread: the subprocesses share this machine's cores with the test process; UTF-8: they print hanzi

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint import checkpoint_state, load_model
+from novelgpt.checkpoint import checkpoint_state, load_model
 from configurator import UserError
-from copycheck import (CACHE_PREFIX, GRAM, build_index, cache_path, copy_index_for, copy_summary, find_copies,
+from novelgpt.copycheck import (CACHE_PREFIX, GRAM, build_index, cache_path, copy_index_for, copy_summary, find_copies,
                        load_copy_index)
 from model import GPT, GPTConfig
-from preparing import prepare
-from tokenizer import Tokenizer
+from novelgpt.preparing import prepare
+from novelgpt.tokenizer import Tokenizer
 
 SUBJECTS = ["宝玉", "黛玉", "凤姐", "袭人", "老太太", "贾母", "探春", "湘云", "平儿", "晴雯"]
 VERBS = ["笑道", "听了", "忙问", "叹道", "点头", "走来", "坐下", "回头看", "拉着手说", "红了脸"]

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-import preparing
+from novelgpt import preparing
 from configurator import UserError
-from dataset import Dataset, load_meta, open_dataset, vocab_size_of
-from files import FolderLock
+from novelgpt.dataset import Dataset, load_meta, open_dataset, vocab_size_of
+from novelgpt.files import FolderLock
 
 TEXT = "".join(f"第{k}回。宝玉笑道：“好妹妹，你又来了。”黛玉冷笑道：“我哪里敢？”\n" for k in range(200))
 
@@ -72,7 +72,7 @@ def test_damaged_datasets_are_refused_in_one_line(tmp_path):
                             (meta_bytes.replace(b'"uint16"', b'"float64"'), "not uint16 or uint32")]:
         (folder / "meta.json").write_bytes(damage)
         assert message in one_line_error(lambda: open_dataset(data_dir, "n"))
-        assert "python prepare.py yourfile.txt --name n" in one_line_error(lambda: open_dataset(data_dir, "n"))
+        assert "python prepare.py yourfile.txt --dataset n" in one_line_error(lambda: open_dataset(data_dir, "n"))
     (folder / "meta.json").write_bytes(meta_bytes)
     val = (folder / "val.bin").read_bytes()
     (folder / "val.bin").write_bytes(val[:len(val) // 2])  # a truncated val.bin
@@ -83,7 +83,7 @@ def test_damaged_datasets_are_refused_in_one_line(tmp_path):
     meta = open_dataset(data_dir, "n").meta
     message = one_line_error(lambda: open_dataset(data_dir, "n", block_size=meta["val_tokens"]))
     assert "val.bin has" in message and "smaller --block_size" in message
-    assert "python prepare.py yourfile.txt --name other" in one_line_error(lambda: open_dataset(data_dir, "other"))
+    assert "python prepare.py yourfile.txt --dataset other" in one_line_error(lambda: open_dataset(data_dir, "other"))
     for name in ("..", "../n", "", "."):
         assert "--dataset" in one_line_error(lambda: open_dataset(data_dir, name))
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from engine import Engine, SamplingSettings
+from novelgpt.engine import Engine, SamplingSettings
 from model import GPT, GPTConfig
-from tokenizer import Tokenizer
+from novelgpt.tokenizer import Tokenizer
 
 ITOS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "甲", "乙", "丙", "丁", "戊", "己", "庚", "辛", "壬", "癸"]
 
@@ -120,8 +120,8 @@ def test_copied_prompt_cache_gives_the_logits_of_reading_it_in_every_row():
 
 
 def test_every_sampling_option_is_an_option_of_sample_py_serve_py_and_the_request():
-    import gpt2chinese
-    import hf
+    from novelgpt import gpt2chinese_generate
+    from novelgpt import hf
     import sample
     import serve
     names = {f.name for f in fields(SamplingSettings)} - {"seed"}  # each script has its own seed option
@@ -131,5 +131,5 @@ def test_every_sampling_option_is_an_option_of_sample_py_serve_py_and_the_reques
     body = serve.request_model(serve.Limits(), 100, SamplingSettings()).model_fields
     assert set(body) == {"prompt", "seed"} | names - {"ignore_eos"}  # the server's --ignore_eos holds for all
     top_k = SamplingSettings().top_k
-    assert sample.DEFAULTS["top_k"] == serve.DEFAULTS["top_k"] == gpt2chinese.GENERATE_FLAGS["topk"].default == top_k
+    assert sample.DEFAULTS["top_k"] == serve.DEFAULTS["top_k"] == gpt2chinese_generate.GENERATE_FLAGS["topk"].default == top_k
     assert hf.generation_config_dict(Tokenizer(ITOS))["top_k"] == top_k

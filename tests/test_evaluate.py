@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-import ngram
+from novelgpt import ngram
 from evaluate import loss_report
-from mixture import whole_split_loss
-from ngram import kneser_ney_trigram, kneser_ney_trigram_loss, modified_kneser_ney, modified_kneser_ney_loss
+from novelgpt.scoring import whole_split_loss
+from novelgpt.ngram import kneser_ney_trigram, kneser_ney_trigram_loss, modified_kneser_ney, modified_kneser_ney_loss
 from model import GPT, GPTConfig
-from preparing import prepare
+from novelgpt.preparing import prepare
 
 
 def skewed_ids(rng: np.random.Generator, vocab: int, n: int) -> np.ndarray:

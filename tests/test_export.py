@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import preparing
+from novelgpt import preparing
 import export
 import train
-from checkpoint import load_model
-from hf import load_hf_gpt2
+from novelgpt.checkpoint import load_model
+from novelgpt.hf import load_hf_gpt2
 from test_vocab import MIXED, PARAGRAPH, bert_vocab_lines, write_lines
-from tokenizer import Tokenizer
+from novelgpt.tokenizer import Tokenizer
 
 TEXT = (PARAGRAPH + "　　Hello World! ABC abc 2024年，第12章。\n") * 30
 

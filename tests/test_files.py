@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import files
+from novelgpt import files
 from configurator import UserError
-from files import FolderLock, atomic_torch_save, atomic_write_bytes, remove_stale_temps, swap_in_folder
+from novelgpt.files import FolderLock, atomic_torch_save, atomic_write_bytes, remove_stale_temps, swap_in_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,7 +34,7 @@ def test_one_writer_many_readers(tmp_path):
 
 HOLDER = """
 import sys, time
-from files import FolderLock
+from novelgpt.files import FolderLock
 lock = FolderLock(sys.argv[1], "training").acquire()
 print("locked", flush=True)
 time.sleep(60)

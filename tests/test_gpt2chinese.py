@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-import gpt2chinese
+from novelgpt import gpt2chinese, gpt2chinese_generate, gpt2chinese_train
 import sample as sample_py
 import train as train_py
-from checkpoint import load_model
+from novelgpt.checkpoint import load_model
 from configurator import UserError, get_config
 from conftest import ENV, gpt2_chinese_folder
-from engine import Engine, SamplingSettings
+from novelgpt.engine import Engine, SamplingSettings
 from model import GPT, GPTConfig
-from runtime import pick_dtype
-from tokenizer import Tokenizer
+from novelgpt.runtime import pick_dtype
+from novelgpt.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["苏落", "南宫流云", "南宫夫人", "韩立"]
@@ -142,7 +142,7 @@ def test_seeds_generate_command_verbatim(trained, capsys, monkeypatch):
     model, tok, _ = load_model("model/final_model", "cache/vocab_small.txt", dtype=pick_dtype("auto", "cpu", "decode"))
     settings = SamplingSettings(max_new_tokens=1000, top_k=8, num_samples=1, seed=int(figures.group(3)),
                                 ignore_eos=True)
-    again, ids = gpt2chinese.generate_samples(Engine(model), tok, "[CLS]苏落妩媚一笑", settings, 1, lambda s: None)
+    again, ids = gpt2chinese_generate.generate_samples(Engine(model), tok, "[CLS]苏落妩媚一笑", settings, 1, lambda s: None)
     assert again == texts[:1] and len(ids[0]) == 1000
 
 
@@ -188,17 +188,17 @@ def test_cls_is_a_paragraph_break_and_samples_come_in_batches(tmp_path, capsys, 
 def test_their_token_joining():
     tokens = ["[CLS]", "苏", "落", "[CLS]", "hello", "world", "play", "##ing", "[SEP]", "[MASK]", "x", "#", "#", "2",
               "[SEP]", "#", "[SEP]"]
-    joiner = gpt2chinese.TextJoiner(wordpiece=True)
+    joiner = gpt2chinese_generate.TextJoiner(wordpiece=True)
     shown = "".join(joiner.add(t) for t in tokens) + joiner.flush()
     # generate.py: '##' is removed from the joined text, so two '#' tokens in a row vanish too
     assert joiner.text == shown == "苏落\n\nhello world playing\nx2\n#"
-    ours = gpt2chinese.TextJoiner(wordpiece=False)  # our vocabulary keeps spaces as tokens: letters are not words
+    ours = gpt2chinese_generate.TextJoiner(wordpiece=False)  # our vocabulary keeps spaces as tokens: letters are not words
     assert "".join(ours.add(t) for t in ["h", "i", " ", "a"]) == ours.text == "hi a"
 
 
 def test_samples_file_layout_and_the_previous_file_kept(tmp_path, capsys):
-    first = gpt2chinese.save_samples_file(["苏落妩媚一笑。"], str(tmp_path))
-    second = gpt2chinese.save_samples_file(["韩立", "银月"], str(tmp_path))
+    first = gpt2chinese_generate.save_samples_file(["苏落妩媚一笑。"], str(tmp_path))
+    second = gpt2chinese_generate.save_samples_file(["韩立", "银月"], str(tmp_path))
     assert first == second == str(tmp_path / "samples.txt")
     assert (tmp_path / "samples_2.txt").read_text("utf-8") == f"{'=' * 40} SAMPLE 1 {'=' * 40}\n苏落妩媚一笑。\n{'=' * 90}\n\n"
     assert (tmp_path / "samples.txt").read_text("utf-8").count("SAMPLE") == 2
@@ -209,23 +209,23 @@ def test_samples_file_layout_and_the_previous_file_kept(tmp_path, capsys):
 
 def test_split_flags_both_forms_switches_and_the_rest_in_order():
     given, rest = gpt2chinese.split_flags(["--length=50", "--compile", "False", "--topp", "0.9", "--fast_pattern",
-                                           "--prefix", "[CLS]苏落", "--seed=3"], gpt2chinese.GENERATE_FLAGS)
+                                           "--prefix", "[CLS]苏落", "--seed=3"], gpt2chinese_generate.GENERATE_FLAGS)
     assert given == {"length": 50, "topp": 0.9, "fast_pattern": True, "prefix": "[CLS]苏落"}
     assert rest == ["--compile", "False", "--seed=3"]
     for argv, words in ((["--length", "many"], ["--length", "integer"]), (["--nsamples"], ["needs a value"]),
                         (["--fast_pattern=1"], ["takes no value"])):
         with pytest.raises(UserError) as info:
-            gpt2chinese.split_flags(argv, gpt2chinese.GENERATE_FLAGS)
+            gpt2chinese.split_flags(argv, gpt2chinese_generate.GENERATE_FLAGS)
         assert all(word in str(info.value) for word in words)
 
 
-def generate_config(argv: list[str]) -> tuple[dict, gpt2chinese.GenerateCommand]:
-    command = gpt2chinese.generate_command(argv, sample_py.DEFAULTS)
+def generate_config(argv: list[str]) -> tuple[dict, gpt2chinese_generate.GenerateCommand]:
+    command = gpt2chinese_generate.generate_command(argv, sample_py.DEFAULTS)
     return get_config(sample_py.DEFAULTS, command.argv, sample_py.ALIASES, types=sample_py.TYPES), command
 
 
 def test_generate_flags_and_their_defaults():
-    assert gpt2chinese.generate_command(["--temperature", "0.7", "--out_dir", "x"], sample_py.DEFAULTS) is None
+    assert gpt2chinese_generate.generate_command(["--temperature", "0.7", "--out_dir", "x"], sample_py.DEFAULTS) is None
     config, command = generate_config(["--fast_pattern"])
     assert (config["num_samples"], config["top_k"], config["top_p"], config["start"], config["init_from"]) == \
         (10, 8, 1.0, "萧炎", "model/final_model")
@@ -253,7 +253,7 @@ def test_train_flags_become_our_settings(trained, monkeypatch):
             "--warmup_steps", "5", "--stride", "16", "--max_grad_norm", "0.5", "--output_dir", "model2/",
             "--writer_dir", "tb/", "--fp16_opt_level", "O2", "--pretrained_model", "model/final_model", "--fp16",
             "--seed=9"]
-    command = gpt2chinese.train_command(argv, train_py.DEFAULTS, train_py.TYPES)
+    command = gpt2chinese_train.train_command(argv, train_py.DEFAULTS, train_py.TYPES)
     config = get_config(train_py.DEFAULTS, command.argv, types=train_py.TYPES)
     meta = json.loads((root / "data" / "train" / "meta.json").read_text(encoding="utf-8"))
     assert config["max_iters"] == math.ceil(3 * meta["train_tokens"] / 16 / (4 * 2))
@@ -263,16 +263,16 @@ def test_train_flags_become_our_settings(trained, monkeypatch):
     assert (config["dataset"], config["data_dir"], config["n_layer"], config["block_size"]) == ("train", "data", 1, 32)
     assert command.final_model == Path("model2/final_model")
     assert config["dtype"] == ("float16" if torch.cuda.is_available() else "auto")  # --fp16 is for GPUs
-    assert gpt2chinese.train_command(["--epochs", "2", "--batch_size", "4"], train_py.DEFAULTS, train_py.TYPES) is None
-    command = gpt2chinese.train_command(["--model_config", "config/model_config_small.json", "--block_size", "16",
+    assert gpt2chinese_train.train_command(["--epochs", "2", "--batch_size", "4"], train_py.DEFAULTS, train_py.TYPES) is None
+    command = gpt2chinese_train.train_command(["--model_config", "config/model_config_small.json", "--block_size", "16",
                                          "--output_dir", "model2/"], train_py.DEFAULTS, train_py.TYPES)
     assert get_config(train_py.DEFAULTS, command.argv, types=train_py.TYPES)["block_size"] == 16
 
 
 def test_epochs_are_their_step_count():
     # GPT2-Chinese: total_steps = full_len / stride * epochs / batch_size / gradient_accumulation
-    assert gpt2chinese.iterations(15, 7_650_000, 512, 8, 1) == math.ceil(7_650_000 / 512 * 15 / 8)
-    assert gpt2chinese.iterations(1, 100, 768, 8, 1) == 1
+    assert gpt2chinese_train.iterations(15, 7_650_000, 512, 8, 1) == math.ceil(7_650_000 / 512 * 15 / 8)
+    assert gpt2chinese_train.iterations(1, 100, 768, 8, 1) == 1
 
 
 # ------------------------------------------------------------------ refusals and errors: one line, status 2
@@ -323,11 +323,11 @@ def test_help_lists_their_flags(capsys):
         train_py.main(["--raw", "--help"])
     out = capsys.readouterr().out
     assert info.value.code == 0 and "--stride" in out and "--max_iters" in out  # theirs, then ours
-    assert all(f"--{name} " in out for name in gpt2chinese.TRAIN_FLAGS)
+    assert all(f"--{name} " in out for name in gpt2chinese_train.TRAIN_FLAGS)
     with pytest.raises(SystemExit):
         sample_py.main(["--help"])
     out = capsys.readouterr().out
-    assert all(f"--{name} " in out for name in gpt2chinese.GENERATE_FLAGS) and "--max_new_tokens" in out
+    assert all(f"--{name} " in out for name in gpt2chinese_generate.GENERATE_FLAGS) and "--max_new_tokens" in out
 
 
 # ------------------------------------------------------------------ fine-tuning keeps the configured dropout
@@ -354,6 +354,6 @@ def test_fine_tuning_keeps_the_configured_dropout(trained, monkeypatch, tmp_path
     for name in os.listdir(folder):
         (pretrained / name).write_bytes((folder / name).read_bytes())
     (pretrained / "config.json").write_text(json.dumps(dict(hf, resid_pdrop=0.2)), encoding="utf-8")
-    command = gpt2chinese.train_command(["--pretrained_model", str(pretrained), "--output_dir", str(tmp_path)],
+    command = gpt2chinese_train.train_command(["--pretrained_model", str(pretrained), "--output_dir", str(tmp_path)],
                                        train_py.DEFAULTS, train_py.TYPES)
     assert get_config(train_py.DEFAULTS, command.argv, types=train_py.TYPES)["dropout"] == 0.2

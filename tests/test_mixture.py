@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint import load_memory, load_model, read_checkpoint
+from novelgpt.checkpoint import load_model, read_checkpoint
+from novelgpt.memory import load_memory
 from conftest import ENV, ROOT, TinyRun
-from engine import Engine
-from mixture import Memory
-from ngram import modified_kneser_ney
+from novelgpt.engine import Engine
+from novelgpt.mixture import Memory
+from novelgpt.ngram import modified_kneser_ney
 from test_engine import ITOS, Successor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -45,7 +46,7 @@ def test_mix_is_the_weighted_sum_of_the_four_parts():
 
 
 def test_the_pair_cache_of_a_split_matches_a_plain_count():
-    from mixture import pair_cache_probabilities
+    from novelgpt.mixture import pair_cache_probabilities
     ids = np.random.default_rng(0).integers(0, 6, 400)
     for size in (2, 3, 10, 1000):
         got = pair_cache_probabilities(ids, size)
@@ -86,7 +87,7 @@ def test_a_checkpoint_without_weights_gets_them_fitted_and_one_with_weights_uses
                                      "cache_size": 50, "dataset_fingerprint": "x", "val": {}})
     with pytest.raises(Exception, match="was prepared again after .* --refit=True"):
         load_memory(str(run.out_dir / "ckpt.pt"), stored, tok, model)
-    from dataset import open_dataset
+    from novelgpt.dataset import open_dataset
     stored["mixture"]["dataset_fingerprint"] = open_dataset(str(run.data_dir), "cycle").fingerprint()
     memory, note = load_memory(str(run.out_dir / "ckpt.pt"), stored, tok, model)
     assert memory.weights == [0.2, 0.7, 0.1, 0.0] and memory.counts.order == 3 and memory.cache_size == 50

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import transformers  # test-only dependency, requirements-dev.txt
-from engine import Engine, sample_next
+from novelgpt.engine import Engine, sample_next
 from conftest import gpt2_chinese_folder
-from hf import load_hf_gpt2
+from novelgpt.hf import load_hf_gpt2
 from model import GPT, GPTConfig, KVCache
-from optim import OptimizerSettings, make_optimizers
-from runtime import peak_flops_for
+from novelgpt.optim import OptimizerSettings, make_optimizers
+from novelgpt.runtime import peak_flops_for
 
 TINY = dict(block_size=32, vocab_size=97, n_layer=2, n_head=2, n_embd=16)
 

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-import mixture
-import ngram
-from mixture import cache_probabilities, fit_weights, mixture_loss, token_log_probs, two_fold_loss, whole_split_loss
-from ngram import NgramIndex, load_ngram, mean_nats, modified_kneser_ney
+from novelgpt import mixture
+from novelgpt import ngram
+from novelgpt.mixture import cache_probabilities, fit_weights, mixture_loss, two_fold_loss
+from novelgpt.scoring import token_log_probs, whole_split_loss
+from novelgpt.ngram import NgramIndex, load_ngram, mean_nats, modified_kneser_ney
 from test_evaluate import DirectModifiedKneserNey, skewed_ids, tiny_gpt
 
 

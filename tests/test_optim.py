@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from optim import Muon
+from novelgpt.optim import Muon
 
 
 @pytest.mark.parametrize("shape", [(64, 32), (32, 64), (48, 48)])

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import dataset
-import preparing
+from novelgpt import dataset
+from novelgpt import preparing
 from configurator import UserError
-from dataset import open_dataset
-from files import FolderLock
-from tokenizer import TOKEN_PATTERN, Tokenizer
+from novelgpt.dataset import open_dataset
+from novelgpt.files import FolderLock
+from novelgpt.tokenizer import TOKEN_PATTERN, Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 STORY = ("第一回　甄士隐梦幻识通灵\n\n宝玉笑道：“好妹妹，你又来了。”黛玉冷笑道：“我哪里敢？”\n"
@@ -296,7 +296,7 @@ def test_names_that_are_not_one_folder_are_refused(tmp_path, monkeypatch):
         assert "\n" not in str(e.value)
     monkeypatch.chdir(thesis)  # `prepare.py .` takes its name from the input: "." names nothing
     for source in (".", ".."):
-        with pytest.raises(UserError, match="give one with --name"):
+        with pytest.raises(UserError, match="give one with --dataset"):
             preparing.prepare(source, data_dir=str(data), block_size=64)
     assert snapshot(data) == before and snapshot(thesis) == before_thesis
     assert not (tmp_path / "x").exists()

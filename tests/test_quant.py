@@ -14,15 +14,15 @@ import torch
 import evaluate as evaluate_py
 import sample as sample_py
 import serve as serve_py
-from checkpoint import load_model
+from novelgpt.checkpoint import load_model
 from configurator import UserError
-from dataset import open_dataset
-from preparing import prepare
-from engine import Engine
-from mixture import whole_split_loss
+from novelgpt.dataset import open_dataset
+from novelgpt.preparing import prepare
+from novelgpt.engine import Engine
+from novelgpt.scoring import whole_split_loss
 from model import GPT, GPTConfig
-import quant
-from quant import GEMM_ROWS, KERNELS, Int8Linear, apply_quantization, check_quantize_mode, quantize_int8
+from novelgpt import quant
+from novelgpt.quant import GEMM_ROWS, KERNELS, Int8Linear, apply_quantization, check_quantize_mode, quantize_int8
 
 PHRASES = ["宝玉笑道：", "黛玉听了，", "“你这会子又来了。”", "袭人忙说道：", "凤姐儿", "老太太", "。\n", "湘云"]
 

@@ -19,12 +19,12 @@ import torch
 from pydantic import ValidationError
 
 import train
-from checkpoint import check_vocab
+from novelgpt.checkpoint import check_vocab
 from conftest import ENV, ROOT, TinyRun
-from preparing import prepare
-from runtime import Runtime
-from tokenizer import Tokenizer
-from trainsettings import DEFAULTS
+from novelgpt.preparing import prepare
+from novelgpt.runtime import Runtime
+from novelgpt.tokenizer import Tokenizer
+from novelgpt.trainsettings import DEFAULTS
 
 NAMES = ["宝玉", "黛玉", "宝钗", "凤姐"]
 
@@ -183,7 +183,7 @@ def test_a_model_larger_than_the_machine_is_refused_before_it_is_built(work, tmp
 @pytest.mark.slow
 def test_names_the_file_system_refuses(work, tmp_path):
     (tmp_path / "novel.txt").write_text(story(), encoding="utf-8")
-    one_line_error(cli("prepare.py", "novel.txt", f"--name={'长' * 100}", cwd=tmp_path), "--name", "300 bytes long",
+    one_line_error(cli("prepare.py", "novel.txt", f"--name={'长' * 100}", cwd=tmp_path), "--dataset", "300 bytes long",
                    "at most 223")
     one_line_error(cli("train.py", *train_args(work, tmp_path / ("o" * 240)), cwd=tmp_path), "--out_dir", "240 bytes")
     one_line_error(cli("export.py", str(work / "out"), str(tmp_path / ("e" * 300)), cwd=tmp_path), "300 bytes")
@@ -485,7 +485,7 @@ def test_a_damaged_copy_index_cache_is_built_again(work, tmp_path):
 
 
 def test_out_of_memory_is_told_from_other_errors_with_its_figure():
-    from runtime import out_of_memory
+    from novelgpt.runtime import out_of_memory
     with pytest.raises(RuntimeError) as info:
         torch.empty(2**60, dtype=torch.uint8)  # an exabyte: refused by the CPU allocator
     assert out_of_memory(info.value) == f"out of memory (tried to allocate {2**60 / 2**30:.1f} GB)"
@@ -504,7 +504,7 @@ def test_out_of_memory_is_told_from_other_errors_with_its_figure():
 def test_sampling_bounds_are_one_definition_that_help_and_the_request_body_share(option, value, words, capsys):
     import sample
     import serve
-    from engine import SamplingSettings
+    from novelgpt.engine import SamplingSettings
     with pytest.raises(ValueError, match=re.escape(words)):
         SamplingSettings(**{option: value}).check()
     assert SamplingSettings(temperature=0).check() is None  # 0 stays the likeliest token

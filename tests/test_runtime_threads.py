@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from runtime import busy_cores, decode_threads
+from novelgpt.runtime import busy_cores, decode_threads
 
 
 @pytest.mark.slow

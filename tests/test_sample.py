@@ -15,14 +15,14 @@ import pytest
 import torch
 
 import sample as sample_py
-from checkpoint import load_model
+from novelgpt.checkpoint import load_model
 from conftest import ENV, gpt2_chinese_folder
-from engine import Engine, SamplingSettings
+from novelgpt.engine import Engine, SamplingSettings
 from model import GPT, GPTConfig
-from runtime import pick_dtype
-from gpt2chinese import header as sample_header
+from novelgpt.runtime import pick_dtype
+from novelgpt.gpt2chinese_generate import header as sample_header
 from sample import format_samples, sample, save_samples
-from tokenizer import Tokenizer
+from novelgpt.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = "苏落妩媚一笑，南宫流云淡淡道：“你想干嘛？”\n宝玉笑道：“妹妹好。”黛玉冷笑一声。"

@@ -17,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from conftest import CYCLE, ENV, LOOPBACK, PROMPT, ROOT, TinyRun, make_app, running_server
-from engine import Engine, SamplingSettings
+from novelgpt.engine import Engine, SamplingSettings
 from serve import STOPPING, Limits, create_app, is_loopback
 from serve import main as serve_main
 

@@ -12,12 +12,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import dataset
-import preparing
+from novelgpt import dataset
+from novelgpt import preparing
 import train
 from configurator import UserError, get_config
 from conftest import gpt2_chinese_folder
-from files import atomic_torch_save
+from novelgpt.files import atomic_torch_save
 from model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -393,8 +393,8 @@ def test_two_trainers_on_one_out_dir_the_second_is_refused(data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_adamw_stays_one_flag_and_muon_takes_the_block_matrices(data_dir, tmp_path):
-    from optim import Muon, make_optimizers
-    from trainsettings import optimizer_settings
+    from novelgpt.optim import Muon, make_optimizers
+    from novelgpt.trainsettings import optimizer_settings
     model = GPT(GPTConfig(block_size=32, vocab_size=120, n_layer=2, n_head=2, n_embd=32))
     muon, adamw = make_optimizers(model, optimizer_settings(tiny_config(data_dir, tmp_path)), "cpu")
     assert isinstance(muon, Muon) and isinstance(adamw, torch.optim.AdamW)

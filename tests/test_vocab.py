@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-import preparing
+from novelgpt import preparing
 import train
-from checkpoint import load_model
+from novelgpt.checkpoint import load_model
 from configurator import UserError
 from conftest import gpt2_chinese_folder
-from engine import Engine, SamplingSettings
+from novelgpt.engine import Engine, SamplingSettings
 from model import GPT, GPTConfig
-from tokenizer import Tokenizer
+from novelgpt.tokenizer import Tokenizer
 
 PARAGRAPH = ("　　宝玉笑道：“林妹妹，你今日可好些了？”黛玉冷笑道：“我好不好，与你何干！”说着，便转身进去了。\n"
              "　　第十二回，袭人拿了三十两银子……又说：“二爷——快些来罢！”\n")
@@ -140,7 +140,7 @@ def test_same_size_other_vocabulary_is_refused_on_fine_tune(two_datasets, tmp_pa
     folder = tmp_path / "final_model"
     gpt2_chinese_folder(GPT(GPTConfig(block_size=32, vocab_size=13317, n_layer=1, n_head=2, n_embd=16)), folder)
     (folder / "vocab.txt").write_text(a.vocab_file_text(), encoding="utf-8")
-    with pytest.raises(UserError, match=r"does not match .*python prepare\.py .*b\.txt --name b --vocab "
+    with pytest.raises(UserError, match=r"does not match .*python prepare\.py .*b\.txt --dataset b --vocab "
                                         rf"{folder}/vocab\.txt$"):
         train.train(tiny_config(root, "b", tmp_path / "out_b", init_from=str(folder)))
     result = train.train(tiny_config(root, "a", tmp_path / "out_a", init_from=str(folder)))

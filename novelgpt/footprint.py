@@ -1,7 +1,7 @@
 """Training memory, estimated before a run starts: what a GPU (or the CPU's RAM) must hold at the peak.
 
     shape = TrainingShape(GPTConfig(...), batch_size=8, gradient_accumulation_steps=4, optimizer="muon")
-    est = estimate_memory(shape, device_type="cuda", dtype="bfloat16", compiled=True)
+    est = estimate_footprint(shape, device_type="cuda", dtype="bfloat16", compiled=True)
     print(est.format())                       # the breakdown, one row per part
     micro = pick_micro_batch(shape, budget, "cuda", "bfloat16", True)
 
@@ -21,8 +21,8 @@ import torch
 
 from configurator import UserError
 from model import GPT, GPTConfig
-from optim import muon_matrices
-from runtime import Runtime, pick_compile, pick_dtype
+from novelgpt.optim import muon_matrices
+from novelgpt.runtime import Runtime, pick_compile, pick_dtype
 
 GB = 2**30  # the project's "GB" (logs, --gpu_memory) is 2**30 bytes, as GPU cards are sized
 CUDA_CONTEXT = 500 * 2**20  # CUDA context, cuBLAS workspace and loaded kernels: 300-500 MB, unseen by the allocator
@@ -41,7 +41,7 @@ class TrainingShape:
 
 
 @dataclass
-class MemoryEstimate:
+class Footprint:
     """Bytes of each part of a training run's peak memory, for one process."""
     micro_batch: int
     block_size: int
@@ -178,8 +178,8 @@ def step_peak(counts: dict[str, int]) -> int:
     return counts["muon"] * 4 + counts["largest_muon_group"] * (4 + 4 + 2)
 
 
-def estimate_memory(shape: TrainingShape, device_type: str = "cuda", dtype: str = "bfloat16", compiled: bool = True,
-                    micro_batch: int | None = None, world_size: int = 1) -> MemoryEstimate:
+def estimate_footprint(shape: TrainingShape, device_type: str = "cuda", dtype: str = "bfloat16", compiled: bool = True,
+                    micro_batch: int | None = None, world_size: int = 1) -> Footprint:
     """Peak memory of one training process for shape at micro_batch (default: its batch_size)."""
     config, micro_batch = shape.model, micro_batch or shape.batch_size
     counts = parameter_counts(config, shape.optimizer)
@@ -192,7 +192,7 @@ def estimate_memory(shape: TrainingShape, device_type: str = "cuda", dtype: str 
     activations = (config.n_layer * layer_activations(config, micro_batch, device_type, dtype)
                    + head_activations(config, micro_batch, device_type, dtype, compiled))
     rows = rows_per_process(shape, world_size)
-    estimate = MemoryEstimate(
+    estimate = Footprint(
         micro_batch=micro_batch, block_size=config.block_size, vocab_size=config.vocab_size, parameters=P,
         device_type=device_type, dtype=dtype, compiled=compiled,
         attention=attention_path(device_type, config.dropout), optimizer_name=shape.optimizer,
@@ -226,7 +226,7 @@ def pick_micro_batch(shape: TrainingShape, budget: int, device_type: str, dtype:
     (so the tokens per step stay as configured); 0 when not even one row fits."""
     rows = rows_per_process(shape, world_size)
     for micro in sorted((d for d in range(1, rows + 1) if rows % d == 0), reverse=True):
-        if estimate_memory(shape, device_type, dtype, compiled, micro, world_size).total <= budget:
+        if estimate_footprint(shape, device_type, dtype, compiled, micro, world_size).total <= budget:
             return micro
     return 0
 
@@ -300,7 +300,7 @@ def fit_to_budget(shape: TrainingShape, budget: int, device_type: str, dtype: st
     saying what was chosen."""
     micro = pick_micro_batch(shape, budget, device_type, dtype, compiled, world_size)
     fitted = with_micro_batch(shape, max(micro, 1), world_size)
-    est = estimate_memory(fitted, device_type, dtype, compiled, world_size=world_size)
+    est = estimate_footprint(fitted, device_type, dtype, compiled, world_size=world_size)
     block_size = shape.model.block_size
     tokens = fitted.batch_size * fitted.gradient_accumulation_steps * block_size
     line = (f"gpu_memory {budget / GB:.1f} GB: micro-batch {fitted.batch_size} x {block_size} with "
@@ -331,7 +331,7 @@ def budget_for(gpu_memory: str, batch_size: int, device_type: str, device: str |
     return auto_budget(free, total)
 
 
-def fit_line(est: MemoryEstimate, free: int, total: int, name: str) -> str:
+def fit_line(est: Footprint, free: int, total: int, name: str) -> str:
     """One line comparing the estimate with the device's free memory, and what to do when it does not fit."""
     room = free + CUDA_CONTEXT  # this process's context is already in use, so it is not in `free`
     head = f"memory: estimated {est.total / GB:.2f} GB; {free / GB:.2f} of {total / GB:.2f} GB free on {name}"
@@ -342,7 +342,7 @@ def fit_line(est: MemoryEstimate, free: int, total: int, name: str) -> str:
             "out-of-memory steps will be redone at half the micro-batch")
 
 
-def plan_memory(shape: TrainingShape, gpu_memory: str, rt: Runtime) -> TrainingShape:
+def plan_footprint(shape: TrainingShape, gpu_memory: str, rt: Runtime) -> TrainingShape:
     """Before training: fit the micro-batch to gpu_memory (--gpu_memory), and on CUDA print the estimate against
     the free memory. Returns shape, with batch_size and gradient_accumulation_steps changed when a budget chose
     them."""
@@ -358,7 +358,7 @@ def plan_memory(shape: TrainingShape, gpu_memory: str, rt: Runtime) -> TrainingS
         if rt.master:
             print(line)
     if rt.device_type == "cuda" and rt.master:
-        est = estimate_memory(shape, "cuda", rt.dtype_name, rt.compile, world_size=rt.world_size)
+        est = estimate_footprint(shape, "cuda", rt.dtype_name, rt.compile, world_size=rt.world_size)
         print(est.format())
         print(fit_line(est, *cuda_free_memory(rt.device)))
     return shape
@@ -375,7 +375,7 @@ def estimate_report(shape: TrainingShape, gpu_memory: str, device: str, dtype: s
     if budget is not None:
         shape, line = fit_to_budget(shape, budget, device_type, dtype, compiled)
         lines.append(line)
-    est = estimate_memory(shape, device_type, dtype, compiled)
+    est = estimate_footprint(shape, device_type, dtype, compiled)
     lines.append(est.format())
     if device_type == "cuda" and torch.cuda.is_available():
         lines.append(fit_line(est, *cuda_free_memory()))

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from engine import SamplingSettings
-from files import swap_in_folder
+from novelgpt.engine import SamplingSettings
+from novelgpt.files import swap_in_folder
 from model import GPT, GPTConfig
-from tokenizer import DOC_END, DOC_START, Tokenizer
+from novelgpt.tokenizer import DOC_END, DOC_START, Tokenizer
 
 FORMATS = ("both", "bin", "safetensors")
 # What an exported folder holds; a folder with anything else in it is not replaced.

@@ -4,8 +4,7 @@
     copies = find_copies(tok.encode(text), index)        # spans of >= 12 tokens found in the training text
     print(copy_summary(text, tok, index))                # one line: the longest copied span and the copied share
 
-    python copycheck.py --dataset=hongloumeng            # build (or time) the index of a dataset
-    python copycheck.py --dataset=hongloumeng --text=FILE:samples/samples.txt
+    python evaluate.py --dataset=hongloumeng --copies=FILE:samples/samples.txt   # the same from the command line
 
 The index holds a 64-bit hash of every GRAM-token window of train.bin, sorted, and where each window
 starts. A window of the text whose hash is in the index is then compared with train.bin itself at each
@@ -15,16 +14,15 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from configurator import Options, UserError, exit_with_error, get_config
-from dataset import load_meta
-from tokenizer import Tokenizer
+from configurator import UserError
+from novelgpt.dataset import load_meta
+from novelgpt.tokenizer import Tokenizer
 
 GRAM = 8  # window length of the index; the shortest min_copy it can answer
 DEFAULT_MIN_COPY = 12  # characters; shorter shared stretches are everyday phrases, not copying
@@ -218,33 +216,3 @@ def copy_index_for(metadata: dict, source: str | Path, tok: Tokenizer) -> tuple[
     except UserError as e:
         return None, f"copy check off: {e}"
     return index, f"copy check against {folder}/train.bin ({len(index.train):,} tokens)"
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Build a dataset's index and time it; with --text, check a text against it."""
-    defaults = Options(dataset=("hongloumeng", "the dataset whose training text is indexed"),
-                       data_dir=("data", "parent folder of the prepared datasets"),
-                       text=("", "a text to check against it, or FILE:path"),
-                       min_copy=(DEFAULT_MIN_COPY, "the shortest span reported, in characters"))
-    try:
-        config = get_config(defaults, argv)
-        folder = Path(config["data_dir"]) / config["dataset"]
-        t0 = time.perf_counter()
-        index = load_copy_index(folder)
-        print(f"copy index of {folder}: {len(index.train):,} tokens, {time.perf_counter() - t0:.2f} s "
-              f"({cache_path(folder)})")
-        if config["text"]:
-            text = config["text"]
-            if text.startswith("FILE:"):
-                try:
-                    text = Path(text[5:]).read_text(encoding="utf-8")
-                except (OSError, UnicodeDecodeError) as e:
-                    raise UserError(f"cannot read {text[5:]} as UTF-8 text: {e}") from None
-            meta = load_meta(folder)
-            print(copy_summary(text, Tokenizer.from_meta(meta), index, config["min_copy"]))
-    except UserError as e:
-        exit_with_error(e)
-
-
-if __name__ == "__main__":
-    main()

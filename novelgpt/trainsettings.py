@@ -5,10 +5,10 @@ here too, so no script imports another.
 from __future__ import annotations
 
 from configurator import Options, UserError
-from files import check_path_names
-from memory import TrainingShape
+from novelgpt.files import check_path_names
+from novelgpt.footprint import TrainingShape
 from model import GPTConfig
-from optim import OptimizerSettings, Schedule
+from novelgpt.optim import OptimizerSettings, Schedule
 
 TYPES = dict(compile=bool)  # keys whose default None means auto
 DEFAULTS = Options(
@@ -132,6 +132,6 @@ def schedule(config: dict) -> Schedule:
 
 
 def training_shape(config: dict, vocab_size: int) -> TrainingShape:
-    """What memory.py estimates for config's run."""
+    """What footprint.py estimates for config's run."""
     return TrainingShape(gpt_config(config, vocab_size), config["batch_size"], config["gradient_accumulation_steps"],
                          config["optimizer"])

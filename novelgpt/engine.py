@@ -15,9 +15,9 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch.nn import functional as F
 
-from mixture import Memory
+from novelgpt.mixture import Memory
 from model import GPT, KVCache
-from tokenizer import Tokenizer
+from novelgpt.tokenizer import Tokenizer
 
 
 MAX_SAMPLES = 4096  # samples generated together as one batch, at most

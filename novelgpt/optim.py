@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from model import GPT
-from runtime import Runtime
+from novelgpt.runtime import Runtime
 
 
 def orthogonalize(update: torch.Tensor, steps: int) -> torch.Tensor:

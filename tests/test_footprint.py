@@ -1,4 +1,4 @@
-"""memory.py: the estimate against what autograd and the optimizers really hold; --gpu_memory; --estimate_memory."""
+"""footprint.py: the estimate against what autograd and the optimizers really hold; --gpu_memory; --estimate_memory."""
 import json
 from pathlib import Path
 
@@ -6,14 +6,14 @@ import pytest
 import torch
 
 import bench
-import preparing
-import memory
+from novelgpt import preparing
+from novelgpt import footprint
 import train
 from configurator import UserError
 from model import GPT, GPTConfig
-from optim import make_optimizers, train_step
-from runtime import init_runtime
-from trainsettings import optimizer_settings, training_shape
+from novelgpt.optim import make_optimizers, train_step
+from novelgpt.runtime import init_runtime
+from novelgpt.trainsettings import optimizer_settings, training_shape
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,13 +45,13 @@ def test_activation_estimate_matches_what_autograd_saves(shape):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
             return model(x, y)[1]
 
-    measured = memory.saved_bytes(forward, list(model.parameters()))
-    est = memory.estimate_memory(training_shape(config, vocab), "cpu", dtype, compiled=False)
+    measured = footprint.saved_bytes(forward, list(model.parameters()))
+    est = footprint.estimate_footprint(training_shape(config, vocab), "cpu", dtype, compiled=False)
     estimated = est.activations + est.weight_copies
     assert est.attention == ("math" if dropout else "flash")
     assert abs(estimated - measured) <= 0.15 * measured, (estimated, measured)
     # the estimate is not just large enough: a micro-batch twice as big is far off the measurement
-    doubled = memory.estimate_memory(training_shape(config, vocab), "cpu", dtype, compiled=False,
+    doubled = footprint.estimate_footprint(training_shape(config, vocab), "cpu", dtype, compiled=False,
                                      micro_batch=2 * x.size(0))
     assert doubled.activations + doubled.weight_copies > 1.5 * measured
 
@@ -66,8 +66,8 @@ def test_optimizer_state_estimate_matches_the_optimizers_tensors(shape, optimize
     rt = init_runtime("cpu", "float32", False)
     x, y = torch.randint(0, vocab, (2, config["batch_size"], config["block_size"]))
     train_step(model, optimizers, torch.amp.GradScaler("cpu", enabled=False), x, y, config["batch_size"], rt, 1.0)
-    measured = memory.optimizer_state_bytes(optimizers)
-    est = memory.estimate_memory(training_shape(config, vocab), "cpu", "float32", compiled=False)
+    measured = footprint.optimizer_state_bytes(optimizers)
+    est = footprint.estimate_footprint(training_shape(config, vocab), "cpu", "float32", compiled=False)
     assert abs(est.optimizer - measured) <= 0.15 * measured, (est.optimizer, measured)
     assert est.weights == sum(p.numel() * 4 for p in model.parameters())
     assert (est.optimizer < 1.5 * est.weights) == (optimizer == "muon")  # Muon keeps one buffer where AdamW keeps two
@@ -75,27 +75,27 @@ def test_optimizer_state_estimate_matches_the_optimizers_tensors(shape, optimize
 
 def test_a_budget_picks_the_largest_micro_batch_that_fits_and_keeps_tokens_per_step():
     config = shape_config(10, 12, 768, 512, 8, 0.1, gradient_accumulation_steps=4)  # novel_small's shape
-    budget = memory.parse_budget("2GB")
-    fitted, line = memory.fit_to_budget(training_shape(config, 13317), budget, "cpu", "float32", False)
+    budget = footprint.parse_budget("2GB")
+    fitted, line = footprint.fit_to_budget(training_shape(config, 13317), budget, "cpu", "float32", False)
     micro = fitted.batch_size
     assert 1 <= micro < 8 and 32 % micro == 0
     assert fitted.batch_size * fitted.gradient_accumulation_steps == 32  # 16,384 tokens per step, as asked
-    assert memory.estimate_memory(fitted, "cpu", "float32", False).total <= budget
+    assert footprint.estimate_footprint(fitted, "cpu", "float32", False).total <= budget
     next_up = min(d for d in range(micro + 1, 33) if 32 % d == 0)
-    bigger = memory.estimate_memory(training_shape(config, 13317), "cpu", "float32", False, micro_batch=next_up)
+    bigger = footprint.estimate_footprint(training_shape(config, 13317), "cpu", "float32", False, micro_batch=next_up)
     assert bigger.total > budget
     assert f"micro-batch {micro} x 512 with {32 // micro} accumulation steps" in line and "16,384 tokens" in line
     # a bigger budget may go above the configured micro-batch: fewer accumulation steps, the same tokens
-    roomy, _ = memory.fit_to_budget(training_shape(config, 13317), memory.parse_budget("64GB"), "cpu", "float32", False)
+    roomy, _ = footprint.fit_to_budget(training_shape(config, 13317), footprint.parse_budget("64GB"), "cpu", "float32", False)
     assert roomy.batch_size == 32 and roomy.gradient_accumulation_steps == 1
 
 
 def test_budget_sizes_and_bad_budgets():
-    assert memory.parse_budget("8GB") == 8 * 2**30 == memory.parse_budget(" 8 gib") == memory.parse_budget("8")
-    assert memory.parse_budget("7500MB") == 7500 * 2**20 and memory.parse_budget("0.5G") == 2**29
+    assert footprint.parse_budget("8GB") == 8 * 2**30 == footprint.parse_budget(" 8 gib") == footprint.parse_budget("8")
+    assert footprint.parse_budget("7500MB") == 7500 * 2**20 and footprint.parse_budget("0.5G") == 2**29
     for bad in ("lots", "-1GB", "0", "8TB", "GB"):
         with pytest.raises(UserError, match="--gpu_memory must be auto or a size"):
-            memory.parse_budget(bad)
+            footprint.parse_budget(bad)
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,7 @@ def test_training_under_a_budget_runs_at_the_chosen_micro_batch(data_dir, tmp_pa
                   eval_interval=4, eval_iters=1, log_interval=1, device="cpu", dtype="float32", compile=False)
     # a budget between the estimates at micro-batch 2 and 4: 2 must be chosen, with twice the accumulation
     shape = training_shape(config, 600)
-    low, high = (memory.estimate_memory(shape, "cpu", "float32", False, micro_batch=m).total for m in (2, 4))
+    low, high = (footprint.estimate_footprint(shape, "cpu", "float32", False, micro_batch=m).total for m in (2, 4))
     assert low < high
     train.train(dict(config, gpu_memory=f"{(low + high) / 2 / 2**20:.3f}MB"))
     out = capsys.readouterr().out
