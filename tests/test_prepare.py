@@ -369,7 +369,7 @@ def test_stale_temps_of_dead_runs_are_cleaned(tmp_path, dead_pid):
 
 KILL_SCRIPT = """
 import os, sys
-import files, preparing
+from novelgpt import files, preparing
 real_swap = files.swap_in_folder
 def swap_then_die(new, target):
     if sys.argv[1] == "after":
