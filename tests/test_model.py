@@ -8,10 +8,11 @@ import pytest
 import torch
 
 import transformers  # test-only dependency, requirements-dev.txt
-from novelgpt.engine import Engine, sample_next
 from conftest import gpt2_chinese_folder
-from novelgpt.hf import load_hf_gpt2
 from model import GPT, GPTConfig, KVCache
+from novelgpt.engine import Engine, sample_next
+from novelgpt.hf import load_hf_gpt2
+from novelgpt.tokenizer import DEFAULT_VOCAB_SIZE
 from novelgpt.optim import OptimizerSettings, make_optimizers
 from novelgpt.runtime import peak_flops_for
 
@@ -420,3 +421,14 @@ def test_training_on_the_used_rows_scores_what_the_whole_head_gives_once_tied():
     assert torch.allclose(whole_logits.softmax(-1)[..., used], logits.detach().softmax(-1)[..., :-1], atol=1e-6)
     model.train_head_on(None)
     assert model.train()(x, y)[0].shape == (3, 32, 97)
+
+
+def test_model_imports_only_torch_and_its_default_vocabulary_is_the_tokenizers():
+    """model.py stands alone (as nanoGPT's does), so its literal default must follow the tokenizer's."""
+    import ast
+    from pathlib import Path
+    tree = ast.parse((Path(__file__).resolve().parents[1] / "model.py").read_text(encoding="utf-8"))
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported <= {"torch", "math", "dataclasses", "inspect", "typing", "__future__"}, imported
+    assert GPTConfig().vocab_size == DEFAULT_VOCAB_SIZE
